@@ -1,0 +1,126 @@
+"""The `cascade` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cascade.recipe import RecipeError, load_recipe
+
+
+def _stage_rows(recipe) -> list[dict]:
+    from cascade.recipe.build import count_parameters
+
+    rows = []
+    for stage in recipe.stages:
+        source = recipe.stage(stage.input) if stage.input else None
+        rows.append(dict(
+            name=stage.name, kind=stage.kind, input=stage.input,
+            input_shape=None if source is None else [source.frames, source.width, source.height, source.fps],
+            output_shape=[stage.frames, stage.width, stage.height, stage.fps],
+            parameters=count_parameters(stage, recipe),
+            sampler=f"{stage.sampler.kind}/{stage.sampler.steps}",
+        ))
+    return rows
+
+
+def _shape(shape) -> str:
+    frames, width, height, fps = shape
+    return f"{frames}x{width}x{height}@{fps:g}"
+
+
+def cmd_validate(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    rows = _stage_rows(recipe)
+    if args.json:
+        print(json.dumps(dict(recipe=str(args.recipe), name=recipe.name, stages=rows), indent=2))
+        return 0
+    print(f"{args.recipe}: {recipe.name}, {len(rows)} stages, text encoder {recipe.text_encoder.path}")
+    header = f"{'stage':<8} {'kind':<5} {'input':<18} {'output':<18} {'params':>9}  sampler"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        source = "noise + text" if row["input_shape"] is None else _shape(row["input_shape"])
+        params = row["parameters"]
+        size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M" if params >= 1e6 else f"{params / 1e3:.1f}K"
+        print(f"{row['name']:<8} {row['kind']:<5} {source:<18} {_shape(row['output_shape']):<18} {size:>9}  "
+              f"{row['sampler']}")
+    total = sum(r["parameters"] for r in rows)
+    print(f"total: {total / 1e9:.2f}B parameters" if total >= 1e9 else f"total: {total / 1e6:.2f}M parameters")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from cascade.recipe.schema import Recipe
+
+    text = json.dumps(Recipe.model_json_schema(), indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from cascade.demo import sample_command
+
+    return sample_command(args)
+
+
+def cmd_demo(args) -> int:
+    from cascade.demo import demo_command
+
+    return demo_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cascade", description="Train, distill, sample and evaluate cascaded "
+                                     "text-to-video diffusion models from one recipe file.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a recipe and print its stages with parameter counts")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.base.train.lr=3e-4")
+    p.add_argument("--json", action="store_true", help="print the stages as JSON")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print (or write) the recipe JSON schema for editors")
+    p.add_argument("--out", type=Path)
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("sample", help="sample videos through every stage of the cascade")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.base.sampler.steps=32")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a caption (repeatable)")
+    prompts.add_argument("--prompts", type=Path, help="a text file, one caption per line")
+    p.add_argument("--out", type=Path, required=True, help="output video: .mp4 or .gif")
+    p.add_argument("--checkpoints", type=Path, help="folder of per-stage weights (STAGE.safetensors); "
+                   "without it the networks are randomly initialised")
+    p.add_argument("--up-to", help="stop after this stage")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4, help="prompts sampled together")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="the built-in demo: validate the shipped recipes, then sample a video "
+                       "from a randomly initialised tiny cascade")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--recipes", type=Path, default=None, help="folder of recipes to validate")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Builders: turn recipe sections into keyword arguments and objects. Classes never see the recipe."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cascade.recipe.schema import Recipe, Stage
+
+
+def unet_kwargs(stage: Stage, text_dim: int) -> dict:
+    """Keyword arguments of `cascade.nn.VideoUNet` for one stage."""
+    u = stage.unet
+    return dict(
+        in_channels=3, out_channels=3, cond_channels=0 if stage.kind == "base" else 3,
+        channels=u.channels, channel_mults=tuple(u.channel_mults), num_res_blocks=tuple(u.num_res_blocks),
+        spatial_attention=tuple(u.spatial_attention), cross_attention=tuple(u.cross_attention),
+        temporal=tuple(u.temporal), head_dim=u.head_dim, text_dim=text_dim, context_dim=u.context_dim,
+        dropout=u.dropout, fps_conditioning=True, aug_conditioning=stage.kind != "base",
+        max_temporal_distance=u.max_temporal_distance, checkpointing=u.checkpointing,
+    )
+
+
+def build_unet(stage: Stage, recipe: Recipe, device: str | torch.device | None = None, **extra):
+    """The stage's bare network. `device="meta"` builds it without memory (parameter counts)."""
+    from cascade.nn import VideoUNet
+
+    with torch.device(device or "cpu"):
+        return VideoUNet(**unet_kwargs(stage, recipe.text_encoder.dim), **extra)
+
+
+def count_parameters(stage: Stage, recipe: Recipe) -> int:
+    return sum(p.numel() for p in build_unet(stage, recipe, device="meta").parameters())
+
+
+def build_schedule(stage: Stage):
+    """The stage's log-SNR schedule; a resolution-shifted cosine when `shift_base_resolution` is set."""
+    from cascade.diffusion import CosineSchedule
+
+    s = stage.diffusion.schedule
+    shift = 0.0
+    if s.shift_base_resolution is not None:
+        shift = 2.0 * math.log(s.shift_base_resolution / max(stage.width, stage.height))
+    return CosineSchedule(logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, shift=shift)

@@ -1,0 +1,82 @@
+"""Checks that span fields and stages: the shapes of a cascade must chain."""
+
+from __future__ import annotations
+
+import math
+
+from cascade.recipe.schema import Recipe
+
+
+def cascade_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """Return (field path, problem) for every inconsistency between stages; empty when the cascade chains."""
+    problems: list[tuple[str, str]] = []
+    seen: dict[str, object] = {}
+    for index, stage in enumerate(recipe.stages):
+        at = f"stages.{stage.name}"
+        if stage.name in seen:
+            problems.append((f"{at}.name", f"stage name {stage.name!r} is used twice"))
+        factor = stage.unet.downsample_factor
+        for axis in ("width", "height"):
+            if getattr(stage, axis) % factor:
+                problems.append((f"{at}.{axis}", f"{axis} {getattr(stage, axis)} is not divisible by the U-Net's "
+                                 f"downsampling factor {factor} ({len(stage.unet.channel_mults)} levels)"))
+        crop = stage.train.crop
+        if crop is not None:
+            for axis in ("width", "height"):
+                value = getattr(crop, axis)
+                if value % factor:
+                    problems.append((f"{at}.train.crop.{axis}", f"crop {axis} {value} is not divisible by the "
+                                     f"U-Net's downsampling factor {factor}"))
+                if value > getattr(stage, axis):
+                    problems.append((f"{at}.train.crop.{axis}", f"crop {axis} {value} exceeds the stage's "
+                                     f"{axis} {getattr(stage, axis)}"))
+        if stage.kind == "base":
+            if index != 0:
+                problems.append((f"{at}.kind", "only the first stage can be a base stage"))
+            if stage.input is not None:
+                problems.append((f"{at}.input", "a base stage has no input stage"))
+            if stage.augmentation is not None:
+                problems.append((f"{at}.augmentation", "a base stage has no low-resolution input to augment"))
+        else:
+            if index == 0:
+                problems.append((f"{at}.kind", f"the first stage must be a base stage, not {stage.kind}"))
+            if stage.input is None:
+                problems.append((f"{at}.input", f"a {stage.kind} stage needs an input stage"))
+            elif stage.input not in seen:
+                later = any(s.name == stage.input for s in recipe.stages)
+                problems.append((f"{at}.input", f"input {stage.input!r} is "
+                                 + ("not an earlier stage" if later else "not a stage of this recipe")))
+            else:
+                problems.extend(_chain_problems(at, stage, seen[stage.input]))
+        seen[stage.name] = stage
+    for index, stage in enumerate(recipe.stages[1:], start=1):
+        if stage.input is not None and stage.input in seen and stage.input != recipe.stages[index - 1].name:
+            problems.append((f"stages.{stage.name}.input", f"input {stage.input!r} is not the previous stage "
+                             f"{recipe.stages[index - 1].name!r}: the cascade is a chain"))
+    return problems
+
+
+def _chain_problems(at: str, stage, source) -> list[tuple[str, str]]:
+    problems = []
+    if stage.kind == "tsr":
+        if stage.frames <= source.frames or stage.frames % source.frames:
+            problems.append((f"{at}.frames", f"a tsr stage's frames ({stage.frames}) must be an integer multiple "
+                             f"(>1) of its input's ({source.frames})"))
+        for axis in ("width", "height"):
+            if getattr(stage, axis) != getattr(source, axis):
+                problems.append((f"{at}.{axis}", f"a tsr stage keeps its input's {axis} "
+                                 f"({getattr(source, axis)}), got {getattr(stage, axis)}"))
+    else:  # ssr
+        if stage.frames != source.frames:
+            problems.append((f"{at}.frames", f"an ssr stage keeps its input's frames ({source.frames}), "
+                             f"got {stage.frames}"))
+        if stage.width < source.width or stage.height < source.height or (
+                stage.width == source.width and stage.height == source.height):
+            problems.append((f"{at}.width", f"an ssr stage must grow its input's size {source.width}x"
+                             f"{source.height}, got {stage.width}x{stage.height}"))
+    # Duration = frames / fps is shared by the whole cascade: TSR raises fps with frames, SSR keeps both.
+    if not math.isclose(stage.frames / stage.fps, source.frames / source.fps, rel_tol=1e-6):
+        problems.append((f"{at}.fps", f"fps {stage.fps:g} with {stage.frames} frames gives a different duration "
+                         f"than the input's {source.frames} frames at {source.fps:g} fps; expected fps "
+                         f"{source.fps * stage.frames / source.frames:g}"))
+    return problems

@@ -1,0 +1,233 @@
+"""Loading a recipe: YAML (duplicate keys rejected), one level of `extends:`, dotted command-line
+overrides, validation, and errors that name the file, the field path and the problem."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from cascade.recipe.checks import cascade_problems
+from cascade.recipe.schema import Recipe
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used. `str(error)` is the whole message for the user, one line per problem."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source, self.problems = source, problems
+        super().__init__("\n".join(f"{source}: {path}: {problem}" if path else f"{source}: {problem}"
+                                   for path, problem in problems))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads 3e-4 as a string; recipes mean the number, as YAML 1.2 does.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: Path) -> dict:
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise RecipeError(source, [("", f"cannot read the recipe: {error.strerror or error}")]) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise RecipeError(source, [("", f"{where}invalid YAML: {problem}")]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(source, [("", f"a recipe is a mapping of sections, got {type(data).__name__}")])
+    return data
+
+
+def merge(base: Any, override: Any) -> Any:
+    """Deep-merge `override` into `base`. Mappings merge key by key; the `stages` list merges by stage
+    name (a stage in the override updates the base's stage of that name, new names are appended);
+    any other value replaces the base's."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            if key == "stages" and isinstance(value, list) and isinstance(base.get(key), list):
+                out[key] = _merge_stages(base[key], value)
+            else:
+                out[key] = merge(base[key], value) if key in base else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(override)
+
+
+def _merge_stages(base: list, override: list) -> list:
+    stages = [copy.deepcopy(s) for s in base]
+    index = {s.get("name"): i for i, s in enumerate(stages) if isinstance(s, dict)}
+    for stage in override:
+        name = stage.get("name") if isinstance(stage, dict) else None
+        if name in index:
+            stages[index[name]] = merge(stages[index[name]], stage)
+        else:
+            stages.append(copy.deepcopy(stage))
+    return stages
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'stages.base.train.lr=3e-4' -> (['stages', 'base', 'train', 'lr'], 0.0003); the value is YAML."""
+    if "=" not in text:
+        raise RecipeError("command line", [("", f"override {text!r} is not KEY.PATH=VALUE")])
+    key, _, raw = text.partition("=")
+    path = key.strip().split(".")
+    if not all(path):
+        raise RecipeError("command line", [("", f"override {text!r} has an empty key segment")])
+    try:
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise RecipeError("command line", [(key, f"value {raw!r} is not valid YAML: {error}")]) from None
+    return path, value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    """Set a dotted path in the raw recipe; under `stages` the next segment is a stage name (or index)."""
+    node: Any = data
+    for depth, segment in enumerate(path[:-1]):
+        dotted = ".".join(path[: depth + 1])
+        if isinstance(node, list):
+            node = _stage_by_name(node, segment, dotted)
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError("command line", [(dotted, f"cannot set a key inside a {type(node).__name__}")])
+        if node.get(segment) is None:
+            node[segment] = {}
+        node = node[segment]
+    last = path[-1]
+    if isinstance(node, list):
+        raise RecipeError("command line", [(".".join(path), "name a field of the stage, not the stage itself")])
+    if not isinstance(node, dict):
+        raise RecipeError("command line", [(".".join(path), f"cannot set a key inside a {type(node).__name__}")])
+    node[last] = value
+
+
+def _stage_by_name(stages: list, segment: str, dotted: str) -> dict:
+    names = [s.get("name") for s in stages if isinstance(s, dict)]
+    if segment.isdigit() and int(segment) < len(stages):
+        return stages[int(segment)]
+    for stage in stages:
+        if isinstance(stage, dict) and stage.get("name") == segment:
+            return stage
+    hint = difflib.get_close_matches(segment, [n for n in names if isinstance(n, str)], n=1)
+    raise RecipeError("command line", [(dotted, f"no stage named {segment!r}"
+                                        + (f"; did you mean {hint[0]!r}?" if hint else f"; stages: {names}"))])
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, merge, override and validate a recipe. Raises RecipeError with every problem found."""
+    path = Path(path)
+    data = read_yaml(path)
+    parent = data.get("extends")
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise RecipeError(str(path), [("extends", "must be a path to a recipe file")])
+        parent_path = (path.parent / parent).resolve()
+        base = read_yaml(parent_path)
+        if "extends" in base:
+            raise RecipeError(str(path), [("extends", f"{parent} itself extends {base['extends']}: at most one "
+                                           f"level of extends is allowed; merge them into one file")])
+        data = merge(base, {k: v for k, v in data.items() if k != "extends"})
+        data["extends"] = str(parent_path)
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    source = str(path) + (" (with command-line overrides)" if overrides else "")
+    return validate_data(data, source)
+
+
+def validate_data(data: dict, source: str) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(source, [_describe(e, data) for e in error.errors()]) from None
+    problems = cascade_problems(recipe)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def _describe(error: dict, data: dict) -> tuple[str, str]:
+    loc = list(error["loc"])
+    path = _render_path(loc, data)
+    if error["type"] == "extra_forbidden":
+        known = _fields_at(Recipe, loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        suffix = f"; did you mean {hint[0]!r}?" if hint else (f"; allowed: {', '.join(known)}" if known else "")
+        return path, f"unknown key {loc[-1]!r}{suffix}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("missing",):
+        message = "required field is missing"
+    got = error.get("input")
+    if error["type"].endswith("_type") or error["type"] in ("literal_error", "enum"):
+        message += f" (got {got!r})"
+    return path, message
+
+
+def _render_path(loc: list, data: dict) -> str:
+    """('stages', 2, 'unet', 'channels') -> 'stages.ssr1.unet.channels' using the stage's name when it has one."""
+    parts: list[str] = []
+    node: Any = data
+    for item in loc:
+        if isinstance(item, int):
+            name = node[item].get("name") if isinstance(node, list) and item < len(node) and isinstance(
+                node[item], dict) else None
+            parts.append(name if isinstance(name, str) and parts and parts[-1] == "stages" else f"[{item}]")
+        else:
+            parts.append(str(item))
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return ".".join(parts).replace(".[", "[")
+
+
+def _fields_at(model: type[BaseModel], loc: list) -> list[str]:
+    """Field names of the model found by walking `loc` from the Recipe root (list indices skipped)."""
+    current: Any = model
+    for item in loc:
+        if isinstance(item, int):
+            continue
+        current = _model_in(current.model_fields[item].annotation) if item in current.model_fields else None
+        if current is None:
+            return []
+    return list(current.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, typing.Annotated):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None

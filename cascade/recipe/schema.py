@@ -1,0 +1,338 @@
+"""The typed, strict schema of a whole-cascade recipe.
+
+Every section is a pydantic model that forbids unknown keys and coerces nothing (a string is never read as
+a number). Checks between fields of different sections, which need the whole stage list, live in
+`cascade.recipe.checks`. Attribute docstrings are the documentation: they become the JSON schema's
+descriptions, which editors show while a recipe is written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True,
+                              validate_default=True)
+
+
+class TextEncoder(Strict):
+    path: str = "google/t5-v1_1-xxl"
+    """Local folder (a `save_pretrained` layout) or hub id of the frozen T5 encoder; the hub only where
+    the machine has internet."""
+    max_tokens: PositiveInt = 128
+    """Captions are tokenized to at most this many tokens; padding is masked."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype the encoder runs in."""
+    dim: PositiveInt = 4096
+    """Width of the encoder's token embeddings (4096 for T5-XXL); the U-Nets' text input width."""
+
+
+class UNet(Strict):
+    channels: PositiveInt
+    """Width of the outermost level; level i has channels * channel_mults[i]."""
+    channel_mults: list[PositiveInt] = Field(min_length=1)
+    """Width multiplier per level, outermost first. The video is downsampled 2x between levels."""
+    num_res_blocks: list[PositiveInt]
+    """Space-time units per level on each path (Efficient U-Net: more at low resolution)."""
+    spatial_attention: list[bool]
+    """Per-frame spatial self-attention per level."""
+    cross_attention: list[bool]
+    """Cross-attention to the T5 token embeddings per level."""
+    temporal: list[Literal["attention", "conv", "none"]]
+    """Temporal layer per level: attention (base stage) or convolution (super-resolution stages)."""
+    head_dim: PositiveInt = 64
+    """Channels per attention head."""
+    context_dim: PositiveInt | None = None
+    """Width the text tokens are projected to once; default: the innermost level's width."""
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Dropout inside residual blocks."""
+    max_temporal_distance: PositiveInt = 32
+    """Relative temporal positions are clipped at this distance in the attention bias."""
+    checkpointing: bool = False
+    """Activation checkpointing per block: less memory, one more forward pass per step."""
+
+    @model_validator(mode="after")
+    def _per_level_lengths(self) -> UNet:
+        levels = len(self.channel_mults)
+        for name in ("num_res_blocks", "spatial_attention", "cross_attention", "temporal"):
+            if len(getattr(self, name)) != levels:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries but channel_mults has {levels} "
+                                 f"levels; give one entry per level")
+        for level, mult in enumerate(self.channel_mults):
+            width = self.channels * mult
+            uses_attention = (self.spatial_attention[level] or self.cross_attention[level]
+                              or self.temporal[level] == "attention")
+            if uses_attention and width % self.head_dim:
+                raise ValueError(f"level {level} has {width} channels, not divisible by head_dim {self.head_dim}")
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mults) - 1)
+
+
+class Schedule(Strict):
+    kind: Literal["cosine"] = "cosine"
+    """Continuous-time cosine log-SNR schedule, clipped (VDM, PD)."""
+    logsnr_min: float = -20.0
+    """log-SNR at t = 1 (pure noise end)."""
+    logsnr_max: float = 20.0
+    """log-SNR at t = 0 (clean end)."""
+    shift_base_resolution: PositiveInt | None = None
+    """Resolution-shifted schedule: log-SNR + 2 log(base / max(width, height)). None: no shift."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Schedule:
+        if self.logsnr_min >= self.logsnr_max:
+            raise ValueError(f"logsnr_min ({self.logsnr_min}) must be below logsnr_max ({self.logsnr_max})")
+        return self
+
+
+class Diffusion(Strict):
+    parameterization: Literal["v", "eps", "x"] = "v"
+    """What the network predicts. Imagen Video uses v for every stage; eps causes colour shifts in
+    super-resolution and cannot be distilled."""
+    schedule: Schedule = Schedule()
+    loss_weighting: Literal["snr+1", "truncated_snr"] = "snr+1"
+    """Weight in x-space: SNR+1 (= MSE in v-space) or max(SNR, 1) (Salimans & Ho 2022, §4)."""
+
+
+class Augmentation(Strict):
+    logsnr_min: float = -2.0
+    """Noisiest augmentation level drawn in training (log-SNR of the noise added to the low-res input)."""
+    logsnr_max: float = 20.0
+    """Cleanest augmentation level drawn in training."""
+    sample_logsnr: float = 1.6
+    """Fixed level at sampling, same units (Imagen Video: SNR 3 or 5, log-SNR 1.1 or 1.6)."""
+
+    @model_validator(mode="after")
+    def _in_range(self) -> Augmentation:
+        if self.logsnr_min >= self.logsnr_max:
+            raise ValueError(f"logsnr_min ({self.logsnr_min}) must be below logsnr_max ({self.logsnr_max})")
+        if not self.logsnr_min <= self.sample_logsnr <= self.logsnr_max:
+            raise ValueError(f"sample_logsnr {self.sample_logsnr} is outside the training range "
+                             f"[{self.logsnr_min}, {self.logsnr_max}]: the network never saw that level")
+        return self
+
+
+class Oscillation(Strict):
+    high: Annotated[float, Field(ge=0)] = 15.0
+    """Weight on even steps (and during the constant phase)."""
+    low: Annotated[float, Field(ge=0)] = 1.0
+    """Weight on odd steps after the constant phase."""
+    constant_steps: NonNegativeInt = 0
+    """Steps at the high weight before alternating."""
+
+
+class Guidance(Strict):
+    weight: Annotated[float, Field(ge=0)] = 0.0
+    """Classifier-free guidance weight w in the (1+w) convention: 0 is the conditional model
+    (Imagen Video's "constant w=6" is 7 in Imagen's convention)."""
+    oscillate: Oscillation | None = None
+    """Oscillating guidance (Imagen Video §2.6.2); used only for the base and first two SR stages."""
+    text_drop_prob: Probability = 0.1
+    """Probability of dropping the caption in training, which trains the unconditional model."""
+    dynamic_threshold: Annotated[float, Field(gt=50, le=100)] | None = 99.5
+    """Percentile (0-100) of |x-hat| for dynamic thresholding (Imagen §2.3); None disables it."""
+
+
+class Sampler(Strict):
+    kind: Literal["ddim", "ancestral", "stochastic"] = "ddim"
+    """DDIM; ancestral with stochasticity gamma; or the N-step stochastic sampler for distilled models."""
+    steps: PositiveInt = 256
+    """Network-evaluation steps (each doubled when guidance needs an unconditional pass)."""
+    gamma: Probability = 0.3
+    """Ancestral sampler: interpolation between the two posterior variances (VDM, Imagen Video §2.1)."""
+
+
+class Optimizer(Strict):
+    name: Literal["adamw", "adam"] = "adamw"
+    betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = [0.9, 0.99]
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    eps: PositiveFloat = 1e-8
+
+
+class LRSchedule(Strict):
+    kind: Literal["constant", "cosine", "linear"] = "constant"
+    """After warm-up: constant, cosine decay or linear decay to min_lr_ratio * lr at max_steps."""
+    warmup_steps: NonNegativeInt = 0
+    min_lr_ratio: Probability = 0.0
+
+
+class Size(Strict):
+    width: PositiveInt
+    height: PositiveInt
+
+
+class Train(Strict):
+    batch_size: PositiveInt
+    """Videos per device per step."""
+    lr: PositiveFloat = 1e-4
+    optimizer: Optimizer = Optimizer()
+    lr_schedule: LRSchedule = LRSchedule()
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.9999
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "bf16-mixed"
+    max_steps: PositiveInt
+    grad_clip: PositiveFloat | None = 1.0
+    """Clip the global gradient norm to this value; None disables clipping."""
+    accumulate_grad_batches: PositiveInt = 1
+    checkpoint_every: PositiveInt = 1000
+    """Optimizer steps between checkpoints."""
+    keep_checkpoints: PositiveInt = 3
+    """The last K step checkpoints are kept, plus `last`."""
+    image_fraction: Probability = 0.0
+    """Share of samples that are still images (one-frame videos) in joint image-video training."""
+    crop: Size | None = None
+    """Train on random crops of this size (fully convolutional super-resolution stages); sample at full size."""
+    seed: int = 0
+
+
+class GuidanceDistill(Strict):
+    w_min: Annotated[float, Field(ge=0)] = 0.0
+    w_max: Annotated[float, Field(ge=0)] = 4.0
+    """Guidance weights drawn uniformly in [w_min, w_max] (Meng et al. 2023 use [0, 4])."""
+    max_steps: PositiveInt = 50_000
+    lr: PositiveFloat = 1e-4
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GuidanceDistill:
+        if self.w_min > self.w_max:
+            raise ValueError(f"w_min ({self.w_min}) must not exceed w_max ({self.w_max})")
+        return self
+
+
+class ProgressiveDistill(Strict):
+    start_steps: PositiveInt = 256
+    """Sampling steps of the first teacher (Imagen Video: 256 base, 128 super-resolution)."""
+    end_steps: PositiveInt = 8
+    """Sampling steps of the final student; the steps halve each round."""
+    steps_per_round: PositiveInt = 50_000
+    """Optimizer steps per halving (Salimans & Ho: 50k)."""
+    lr: PositiveFloat = 1e-4
+    loss_weighting: Literal["snr+1", "truncated_snr"] = "truncated_snr"
+
+    @model_validator(mode="after")
+    def _halvings(self) -> ProgressiveDistill:
+        ratio = self.start_steps / self.end_steps
+        if self.end_steps >= self.start_steps or ratio != 2 ** round(math.log2(ratio)):
+            raise ValueError(f"start_steps ({self.start_steps}) must be end_steps ({self.end_steps}) times a "
+                             f"power of two greater than one: each round halves the steps")
+        return self
+
+    @property
+    def rounds(self) -> int:
+        return round(math.log2(self.start_steps / self.end_steps))
+
+
+class Distill(Strict):
+    guidance: GuidanceDistill | None = GuidanceDistill()
+    """Guidance distillation first (None: skip it, e.g. for unguided stages)."""
+    progressive: ProgressiveDistill = ProgressiveDistill()
+
+
+class Launch(Strict):
+    nodes: PositiveInt = 1
+    gpus_per_node: PositiveInt = 8
+    cpus_per_task: PositiveInt = 8
+    time: str = "48:00:00"
+    """SLURM time limit, [D-]HH:MM:SS."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    @model_validator(mode="after")
+    def _time_format(self) -> Launch:
+        if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}:\d{2}", self.time):
+            raise ValueError(f"time {self.time!r} is not [D-]HH:MM:SS")
+        return self
+
+
+class Stage(Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    """Unique name, used in overrides (stages.NAME.train.lr=...) and on the command line."""
+    kind: Literal["base", "tsr", "ssr"]
+    """base: text to video; tsr: temporal super-resolution; ssr: spatial super-resolution."""
+    input: str | None = None
+    """Name of the earlier stage whose output this stage refines; none for the base stage."""
+    frames: PositiveInt
+    width: PositiveInt
+    height: PositiveInt
+    fps: PositiveFloat
+    unet: UNet
+    diffusion: Diffusion = Diffusion()
+    augmentation: Augmentation | None = None
+    """Noise conditioning augmentation of the low-resolution input (super-resolution stages)."""
+    guidance: Guidance = Guidance()
+    sampler: Sampler = Sampler()
+    train: Train
+    distill: Distill = Distill()
+    launch: Launch = Launch()
+
+
+class Data(Strict):
+    kind: Literal["synthetic", "shards"] = "synthetic"
+    """synthetic: the built-in generated dataset; shards: webdataset shards at `shards`."""
+    shards: str | None = None
+    """Shard path, glob or brace pattern (e.g. data/webvid/shard-{000000..000999}.tar)."""
+    root: str = "data/synthetic"
+    """Where the synthetic dataset is written."""
+    count: PositiveInt = 1000
+    """Synthetic videos to generate."""
+    seed: int = 0
+    num_workers: NonNegativeInt = 4
+    embeddings: str | None = None
+    """T5 embedding cache beside the shards; None: the default location."""
+
+    @model_validator(mode="after")
+    def _shards_given(self) -> Data:
+        if self.kind == "shards" and not self.shards:
+            raise ValueError("kind is 'shards' but no shards path is given")
+        return self
+
+
+class Eval(Strict):
+    num_videos: PositiveInt = 2048
+    steps: list[PositiveInt] = [8, 16, 64, 256]
+    guidance: list[Annotated[float, Field(ge=0)]] = [0.0, 2.0, 6.0]
+    aug_logsnr: list[float] = [1.1, 1.6]
+    metrics: list[Literal["fvd", "clipsim", "probes"]] = ["fvd", "clipsim"]
+    clip_path: str | None = None
+    """Local CLIP folder for CLIPSIM."""
+    frames: PositiveInt = 16
+    """Frames per video fed to I3D for FVD."""
+
+
+class Cluster(Strict):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    signal_seconds: PositiveInt = 300
+    """SIGUSR1 this many seconds before the time limit (checkpoint, then requeue)."""
+
+
+class Recipe(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    """Run name; the run folder is runs/NAME unless run_dir says otherwise."""
+    extends: str | None = None
+    """A recipe file this one overrides (at most one level); resolved at load time."""
+    run_dir: str | None = None
+    text_encoder: TextEncoder = TextEncoder()
+    stages: list[Stage] = Field(min_length=1)
+    """The cascade in sampling order: a base stage, then super-resolution stages."""
+    data: Data = Data()
+    eval: Eval = Eval()
+    cluster: Cluster = Cluster()
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"no stage named {name!r}; stages are {', '.join(s.name for s in self.stages)}")
