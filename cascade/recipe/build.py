@@ -43,3 +43,29 @@ def build_schedule(stage: Stage):
     if s.shift_base_resolution is not None:
         shift = 2.0 * math.log(s.shift_base_resolution / max(stage.width, stage.height))
     return CosineSchedule(logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, shift=shift)
+
+
+def build_augmentation(stage: Stage):
+    from cascade.diffusion import NoiseAugmentation
+
+    a = stage.augmentation
+    if a is None:
+        return None
+    return NoiseAugmentation(a.logsnr_min, a.logsnr_max, sample_logsnr=a.sample_logsnr)
+
+
+def build_stage_spec(stage: Stage, net, guidance_distilled: bool = False):
+    """A `StageSpec` for the cascade sampler from a stage recipe and its network."""
+    from cascade.diffusion import Denoiser
+    from cascade.sampling.cascade import StageSpec
+
+    g = stage.guidance
+    return StageSpec(
+        name=stage.name, kind=stage.kind, frames=stage.frames, height=stage.height, width=stage.width, fps=stage.fps,
+        denoiser=Denoiser(net, stage.diffusion.parameterization), schedule=build_schedule(stage),
+        sampler=stage.sampler.kind, steps=stage.sampler.steps, gamma=stage.sampler.gamma, guidance=g.weight,
+        oscillate=None if g.oscillate is None else (g.oscillate.high, g.oscillate.low),
+        constant_steps=0 if g.oscillate is None else g.oscillate.constant_steps,
+        dynamic_threshold=g.dynamic_threshold, augmentation=build_augmentation(stage),
+        guidance_distilled=guidance_distilled,
+    )

@@ -34,6 +34,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # e.g. a list as key: the base class reports it as a YAML error
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
@@ -47,6 +51,14 @@ _UniqueKeyLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
+# YAML 1.1 also reads 48:00:00 as the base-60 integer 172800; a recipe means the string (a SLURM time), as in 1.2.
+for _resolvers in _UniqueKeyLoader.yaml_implicit_resolvers.values():
+    _resolvers[:] = [(tag, regexp) for tag, regexp in _resolvers if tag != "tag:yaml.org,2002:int"]
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
 
 
 def read_yaml(path: Path) -> dict:
@@ -55,6 +67,9 @@ def read_yaml(path: Path) -> dict:
         text = path.read_text()
     except OSError as error:
         raise RecipeError(source, [("", f"cannot read the recipe: {error.strerror or error}")]) from None
+    except UnicodeDecodeError as error:
+        raise RecipeError(source, [("", f"cannot read the recipe: not UTF-8 text ({error.reason} at byte "
+                                        f"{error.start})")]) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
@@ -151,6 +166,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         if not isinstance(parent, str):
             raise RecipeError(str(path), [("extends", "must be a path to a recipe file")])
         parent_path = (path.parent / parent).resolve()
+        if not parent_path.is_file():
+            raise RecipeError(str(path), [("extends", f"{parent!r} is not a file (looked for {parent_path})")])
         base = read_yaml(parent_path)
         if "extends" in base:
             raise RecipeError(str(path), [("extends", f"{parent} itself extends {base['extends']}: at most one "

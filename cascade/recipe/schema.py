@@ -22,7 +22,7 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True,
-                              validate_default=True)
+                              validate_default=True, allow_inf_nan=False)
 
 
 class TextEncoder(Strict):

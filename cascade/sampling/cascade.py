@@ -1,0 +1,128 @@
+"""The cascade sampler: run every stage in order, each conditioned on the previous stage's output.
+
+Pure PyTorch (no Lightning): `CascadeSampler(stages).sample(text, text_mask)`. A stage is described by a
+`StageSpec`; `cascade.recipe.build.build_cascade_sampler` makes them from a recipe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from cascade.diffusion.augment import NoiseAugmentation
+from cascade.sampling.guidance import GuidedModel, dynamic_threshold, guidance_weights
+from cascade.sampling.samplers import sample
+from cascade.sampling.steps import time_grid
+
+
+@dataclass
+class StageSpec:
+    """What sampling one stage needs. `denoiser(z, logsnr, **cond) -> x_hat` (a `Denoiser`)."""
+
+    name: str
+    kind: str  # base | tsr | ssr
+    frames: int
+    height: int
+    width: int
+    fps: float
+    denoiser: Callable[..., Tensor]
+    schedule: Callable[[Tensor], Tensor]
+    sampler: str = "ddim"
+    steps: int = 64
+    gamma: float = 0.3
+    guidance: float = 0.0
+    oscillate: tuple[float, float] | None = None
+    constant_steps: int = 0
+    dynamic_threshold: float | None = 99.5
+    augmentation: NoiseAugmentation | None = None
+    guidance_distilled: bool = False
+    """The student takes the guidance weight as input: one network pass per step, no unconditional pass."""
+
+
+@dataclass
+class CascadeResult:
+    videos: dict[str, Tensor]  # stage name -> (B, 3, T, H, W) in [-1, 1]
+    stats: list[dict] = field(default_factory=list)  # per stage: seconds, nfe per video, steps, ...
+
+    @property
+    def final(self) -> Tensor:
+        return next(reversed(self.videos.values()))
+
+
+class CascadeSampler:
+    def __init__(self, stages: Sequence[StageSpec]) -> None:
+        if not stages or stages[0].kind != "base":
+            raise ValueError("a cascade starts with a base stage")
+        self.stages = list(stages)
+
+    @torch.no_grad()
+    def sample(self, text: Tensor, text_mask: Tensor, generator: torch.Generator | None = None,
+               up_to: str | None = None, progress: bool = True) -> CascadeResult:
+        """text: (B, L, D) T5 embeddings, text_mask: (B, L) bool. Returns every stage's output."""
+        names = [s.name for s in self.stages]
+        if up_to is not None and up_to not in names:
+            raise ValueError(f"no stage named {up_to!r}; stages are {', '.join(names)}")
+        result = CascadeResult(videos={})
+        previous: Tensor | None = None
+        for stage in self.stages:
+            start = time.perf_counter()
+            video, nfe = self.sample_stage(stage, text, text_mask, previous, generator, progress)
+            result.videos[stage.name] = video
+            result.stats.append(dict(stage=stage.name, kind=stage.kind, sampler=stage.sampler, steps=stage.steps,
+                                     guidance=stage.guidance, oscillate=stage.oscillate,
+                                     aug_logsnr=None if stage.augmentation is None else stage.augmentation.sample_logsnr,
+                                     guidance_distilled=stage.guidance_distilled, nfe_per_video=nfe,
+                                     seconds=time.perf_counter() - start,
+                                     shape=[stage.frames, stage.width, stage.height, stage.fps]))
+            previous = video
+            if stage.name == up_to:
+                break
+        return result
+
+    @staticmethod
+    def sample_stage(stage: StageSpec, text: Tensor, text_mask: Tensor, previous: Tensor | None,
+                     generator: torch.Generator | None = None, progress: bool = False) -> tuple[Tensor, int]:
+        """One stage: noise -> video (B, 3, T, H, W) in [-1, 1]; also returns network evaluations per video."""
+        batch, device = text.shape[0], text.device
+        cond: dict[str, Tensor] = dict(text=text, text_mask=text_mask,
+                                       fps=torch.full((batch,), float(stage.fps), device=device))
+        if stage.kind != "base":
+            if previous is None:
+                raise ValueError(f"stage {stage.name} needs the previous stage's output")
+            if stage.augmentation is None:
+                cond.update(cond=previous, aug_logsnr=torch.full((batch,), 20.0, device=device))
+            else:  # fixed augmentation level at sampling, in the units used in training (Imagen Video §2.5)
+                noisy, aug_logsnr = stage.augmentation.sample(previous, generator)
+                cond.update(cond=noisy, aug_logsnr=aug_logsnr)
+        weights = guidance_weights(stage.steps, stage.guidance, stage.oscillate, stage.constant_steps)
+        percentile = stage.dynamic_threshold
+        if stage.guidance_distilled:  # one pass per step: the student takes w as input (Meng et al. 2023)
+            counter = [0]
+
+            def model(z: Tensor, logsnr: Tensor, step: int) -> Tensor:
+                counter[0] += 1
+                x_hat = stage.denoiser(z, logsnr, **cond, guidance=torch.full((batch,), weights[step], device=device))
+                return x_hat if percentile is None else dynamic_threshold(x_hat, percentile)
+
+            nfe = lambda: counter[0]  # noqa: E731
+        else:
+            def fn(z: Tensor, logsnr: Tensor, uncond: Tensor) -> Tensor:
+                reps = z.shape[0] // batch  # 2 when the conditional and unconditional passes share a batch
+                kw = {k: v.repeat(reps, *[1] * (v.ndim - 1)) for k, v in cond.items()}
+                kw["text_mask"] = kw["text_mask"] & ~uncond[:, None]  # dropped caption = every token masked
+                return stage.denoiser(z, logsnr, **kw)
+
+            model = GuidedModel(fn, weights, thresholding=None if percentile is None else "dynamic",
+                                percentile=percentile or 99.5)
+            nfe = lambda: model.nfe  # noqa: E731
+        z = torch.randn((batch, 3, stage.frames, stage.height, stage.width), generator=generator, device=device)
+        logsnrs = time_grid(stage.steps, stage.schedule)
+        extra = {"gamma": stage.gamma} if stage.sampler == "ancestral" else {}
+        if stage.sampler in ("ancestral", "stochastic"):
+            extra["generator"] = generator
+        video = sample(stage.sampler, model, z, logsnrs, progress=progress, **extra)
+        return video.clamp(-1.0, 1.0), nfe()

@@ -1,0 +1,103 @@
+"""Sampling loops. One denoiser contract for all: `model(z, logsnr, step) -> x_hat`.
+
+z: (B, C, T, H, W) (any trailing dims); logsnr: (B,) in z's dtype; step: the int index i of the step,
+so guidance may vary per step. `logsnrs` is the grid (N+1,) from `time_grid`, noisiest first; step i
+evaluates the model at logsnrs[i]. The last step returns x_hat itself (as the progressive-distillation
+reference does), so logsnrs[N] is only used by the stochastic sampler. `callback(i, z_i, x_hat_i)`
+sees the input of step i and its prediction.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from cascade.sampling.steps import ancestral_step, ddim_step, renoise_step
+
+Model = Callable[[Tensor, Tensor, int], Tensor]
+Callback = Callable[[int, Tensor, Tensor], None]
+
+
+def _floats(logsnrs: Sequence[float] | Tensor) -> list[float]:
+    lams = [float(x) for x in logsnrs]
+    if len(lams) < 2:
+        raise ValueError("logsnrs needs at least 2 levels (one step)")
+    return lams
+
+
+def _steps(num_steps: int, progress: bool) -> Iterable[int]:
+    if not progress:
+        return range(num_steps)
+    from tqdm.auto import trange
+    return trange(num_steps, desc="sampling")
+
+
+def _predict(model: Model, z: Tensor, logsnr: float, step: int, callback: Callback | None) -> Tensor:
+    x_hat = model(z, torch.full((z.shape[0],), logsnr, dtype=z.dtype, device=z.device), step)
+    if callback is not None:
+        callback(step, z, x_hat)
+    return x_hat
+
+
+def _noise(z: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+
+
+@torch.no_grad()
+def sample_ddim(model: Model, z: Tensor, logsnrs: Sequence[float] | Tensor, callback: Callback | None = None,
+                progress: bool = False) -> Tensor:
+    """Deterministic DDIM from z = z_1 over the grid; N model evaluations."""
+    lams = _floats(logsnrs)
+    last = len(lams) - 2
+    for i in _steps(len(lams) - 1, progress):
+        x_hat = _predict(model, z, lams[i], i, callback)
+        z = x_hat if i == last else ddim_step(z, x_hat, lams[i], lams[i + 1])
+    return z
+
+
+@torch.no_grad()
+def sample_ancestral(model: Model, z: Tensor, logsnrs: Sequence[float] | Tensor, gamma: float = 0.3,
+                     generator: torch.Generator | None = None, callback: Callback | None = None,
+                     progress: bool = False) -> Tensor:
+    """Ancestral sampler of VDM / Imagen Video with stochasticity gamma in [0, 1] (VDM uses 0.1-0.3)."""
+    lams = _floats(logsnrs)
+    last = len(lams) - 2
+    for i in _steps(len(lams) - 1, progress):
+        x_hat = _predict(model, z, lams[i], i, callback)
+        z = x_hat if i == last else ancestral_step(z, x_hat, lams[i], lams[i + 1], gamma, _noise(z, generator))
+    return z
+
+
+@torch.no_grad()
+def sample_stochastic(model: Model, z: Tensor, logsnrs: Sequence[float] | Tensor,
+                      generator: torch.Generator | None = None, callback: Callback | None = None,
+                      progress: bool = False) -> Tensor:
+    """N-step stochastic sampler for distilled models (Meng et al. 2023): N model evaluations.
+
+    From level i: a DDIM step of twice the size to k = i + 2, then forward noise back to s = i + 1.
+    """
+    lams = _floats(logsnrs)
+    last = len(lams) - 2
+    for i in _steps(len(lams) - 1, progress):
+        x_hat = _predict(model, z, lams[i], i, callback)
+        if i == last:
+            return x_hat
+        z_k = ddim_step(z, x_hat, lams[i], lams[i + 2])
+        z = renoise_step(z_k, lams[i + 2], lams[i + 1], _noise(z, generator))
+    return z
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddim": sample_ddim,
+    "ancestral": sample_ancestral,
+    "stochastic": sample_stochastic,
+}
+
+
+def sample(kind: str, model: Model, z: Tensor, logsnrs: Sequence[float] | Tensor, **kw) -> Tensor:
+    """Dispatch to `SAMPLERS[kind]`; keyword arguments go to that sampler."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"unknown sampler {kind!r}; choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[kind](model, z, logsnrs, **kw)

@@ -1,0 +1,169 @@
+"""The video U-Net on tiny configs: shapes, what the temporal layers may and may not see, text masking,
+activation checkpointing, conditioning paths."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cascade.nn import VideoUNet, upsample_condition
+from cascade.nn.attention import TemporalAttention, TemporalConv
+
+TEXT_DIM = 32
+
+KINDS = {
+    "base": dict(cond_channels=0, spatial_attention=(False, True), temporal="attention"),
+    "tsr": dict(cond_channels=3, aug_conditioning=True, spatial_attention=False, temporal="conv"),
+    "ssr": dict(cond_channels=3, aug_conditioning=True, spatial_attention=(False, True), temporal="conv"),
+}
+
+
+def make(kind: str, **extra) -> VideoUNet:
+    torch.manual_seed(0)
+    net = VideoUNet(channels=16, channel_mults=(1, 2), num_res_blocks=(1, 2), cross_attention=(False, True),
+                    head_dim=8, text_dim=TEXT_DIM, **{**KINDS[kind], **extra})
+    # Output layers start at zero (identity residuals); give every parameter a value so that each path
+    # actually contributes and the tests below can see it.
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.eval()
+
+
+def inputs(kind: str, batch=2, frames=4, size=8, tokens=6):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, frames, size, size, generator=g)
+    text = torch.randn(batch, tokens, TEXT_DIM, generator=g)
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    mask[0, 4:] = False
+    kw = dict(text=text, text_mask=mask, fps=torch.full((batch,), 4.0))
+    if kind == "tsr":
+        kw.update(cond=torch.randn(batch, 3, max(frames // 2, 1), size, size, generator=g), aug_logsnr=torch.zeros(batch))
+    if kind == "ssr":
+        kw.update(cond=torch.randn(batch, 3, frames, size // 2, size // 2, generator=g), aug_logsnr=torch.zeros(batch))
+    return x, torch.tensor([-3.0, 2.0][:batch]), kw
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_output_shape_and_finite(kind):
+    net = make(kind)
+    x, logsnr, kw = inputs(kind)
+    y = net(x, logsnr, **kw)
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_frame_input_ignores_temporal_weights(kind):
+    net = make(kind)
+    x, logsnr, kw = inputs(kind, frames=1)
+    before = net(x, logsnr, **kw)
+    temporal = [m for m in net.modules() if isinstance(m, (TemporalAttention, TemporalConv))]
+    assert temporal
+    with torch.no_grad():
+        for module in temporal:
+            for p in module.parameters():
+                p.copy_(torch.randn_like(p))
+    assert torch.equal(net(x, logsnr, **kw), before)
+
+
+def test_video_frames_interact_in_base():
+    net = make("base")
+    x, logsnr, kw = inputs("base", frames=4)
+    y = net(x, logsnr, **kw)
+    x2 = x.clone()
+    x2[:, :, 2] += 1.0  # change frame 2 only
+    y2 = net(x2, logsnr, **kw)
+    for other in (0, 1, 3):
+        assert not torch.allclose(y[:, :, other], y2[:, :, other], atol=1e-6), f"frame {other} did not see frame 2"
+
+
+def test_images_in_a_video_batch_stay_independent():
+    """is_image bypasses the temporal layers for those samples only (joint image-video training)."""
+    net = make("base")
+    x, logsnr, kw = inputs("base", frames=4)
+    is_image = torch.tensor([True, False])
+    y = net(x, logsnr, is_image=is_image, **kw)
+    x2 = x.clone()
+    x2[:, :, 2] += 1.0
+    y2 = net(x2, logsnr, is_image=is_image, **kw)
+    assert torch.allclose(y[0, :, [0, 1, 3]], y2[0, :, [0, 1, 3]], atol=1e-6)  # image sample: frames independent
+    assert not torch.allclose(y[1, :, 0], y2[1, :, 0], atol=1e-6)  # video sample: frames interact
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_tokens_do_not_change_the_output(kind):
+    net = make(kind)
+    x, logsnr, kw = inputs(kind)
+    y = net(x, logsnr, **kw)
+    text = kw["text"].clone()
+    text[0, 4:] = torch.randn_like(text[0, 4:]) * 100  # garbage in the padded positions of sample 0
+    longer = F.pad(text, (0, 0, 0, 5), value=7.0)  # and five more padding tokens
+    longer_mask = F.pad(kw["text_mask"], (0, 5), value=False)
+    y2 = net(x, logsnr, **{**kw, "text": longer, "text_mask": longer_mask})
+    assert torch.allclose(y, y2, atol=1e-5)
+    text[0, 1] = torch.randn_like(text[0, 1])  # a real token does change it
+    assert not torch.allclose(net(x, logsnr, **{**kw, "text": text}), y, atol=1e-5)
+
+
+def test_unconditional_pass_is_defined():
+    net = make("base")
+    x, logsnr, kw = inputs("base")
+    uncond = net(x, logsnr, fps=kw["fps"])  # text=None: only the learned null token
+    all_masked = net(x, logsnr, text=kw["text"], text_mask=torch.zeros_like(kw["text_mask"]), fps=kw["fps"])
+    assert torch.isfinite(uncond).all()
+    assert torch.allclose(uncond, all_masked, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_activation_checkpointing_gives_the_same_gradients(kind):
+    grads = []
+    for checkpointing in (False, True):
+        net = make(kind, checkpointing=checkpointing).train()
+        x, logsnr, kw = inputs(kind)
+        net(x, logsnr, **kw).square().mean().backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_ssr_is_fully_convolutional():
+    """Trained on crops, applied at full size: without spatial attention nothing depends on the input size,
+    so the same weights run at any size divisible by the downsampling factor."""
+    net = make("ssr", spatial_attention=False)
+    x, logsnr, kw = inputs("ssr", size=16)
+    assert net(x, logsnr, **kw).shape == x.shape
+    with pytest.raises(ValueError, match="divisible"):
+        net(x[..., :15, :15], logsnr, **{**kw, "cond": kw["cond"][..., :7, :7]})
+
+
+def test_condition_upsampling():
+    cond = torch.arange(2 * 3 * 2 * 4 * 4, dtype=torch.float32).reshape(2, 3, 2, 4, 4)
+    up_t = upsample_condition(cond, frames=6, height=4, width=4)
+    assert torch.equal(up_t[:, :, 0], cond[:, :, 0]) and torch.equal(up_t[:, :, 2], cond[:, :, 0])
+    assert torch.equal(up_t[:, :, 3], cond[:, :, 1])
+    up_s = upsample_condition(cond, frames=2, height=8, width=8)
+    expected = F.interpolate(cond[:, :, 1], size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(up_s[:, :, 1], expected)
+    with pytest.raises(ValueError, match="repeat"):
+        upsample_condition(cond, frames=5, height=4, width=4)
+
+
+def test_guidance_embedding_starts_without_effect():
+    """A guidance-distilled student starts as its teacher: the new embedding is zero-initialised."""
+    torch.manual_seed(0)
+    teacher = VideoUNet(channels=16, channel_mults=(1, 2), num_res_blocks=1, head_dim=8, text_dim=TEXT_DIM)
+    student = VideoUNet(channels=16, channel_mults=(1, 2), num_res_blocks=1, head_dim=8, text_dim=TEXT_DIM,
+                        guidance_conditioning=True)
+    missing = student.load_state_dict(teacher.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("guidance_emb.") for k in missing)
+    x, logsnr, kw = inputs("base")
+    torch.testing.assert_close(student(x, logsnr, guidance=torch.tensor([0.0, 5.0]), **kw), teacher(x, logsnr, **kw))
+
+
+def test_missing_conditioning_is_a_clear_error():
+    net = make("ssr")
+    x, logsnr, kw = inputs("ssr")
+    with pytest.raises(ValueError, match="cond"):
+        net(x, logsnr, **{k: v for k, v in kw.items() if k != "cond"})
+    with pytest.raises(ValueError, match="aug_logsnr"):
+        net(x, logsnr, **{k: v for k, v in kw.items() if k != "aug_logsnr"})

@@ -1,0 +1,460 @@
+"""Malformed recipes: each fails `cascade validate` with exit 2 and one line naming the file, the field path and
+the problem, never a traceback.
+
+Every case starts from `recipes/tiny.yaml` and applies one small mutation: a function of the loaded dict, a
+function of the raw text (syntax-level cases), command-line overrides, or a setup that writes several files
+(`extends:`).
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from cascade.cli import main
+from cascade.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "recipes" / "tiny.yaml"
+TINY_TEXT = TINY.read_text()
+TINY_DATA = yaml.safe_load(TINY_TEXT)
+
+
+def dump(data: dict) -> str:
+    return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
+
+
+def line_of(text: str) -> int:
+    """1-based line number of the first line of tiny.yaml that is exactly `text`."""
+    return TINY_TEXT.splitlines().index(text) + 1
+
+
+# --- kinds of mutation ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Text:
+    """Mutate the raw text (or bytes) of tiny.yaml."""
+    edit: Callable[[str], str | bytes]
+
+
+@dataclass(frozen=True)
+class Override:
+    """Command-line overrides on an unmodified tiny.yaml."""
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Files:
+    """Write `files` ({name: text}) into the folder and validate `main`; `source` is the file the message names."""
+    files: dict[str, str]
+    main: str = "recipe.yaml"
+    source: str | None = None
+
+
+# --- helpers for dict mutations ------------------------------------------------------------------------------
+
+def stage(data: dict, name: str) -> dict:
+    return next(s for s in data["stages"] if s["name"] == name)
+
+
+def _parent(data: dict, path: tuple) -> dict:
+    """The mapping holding path[-1]; a path starting with a stage name ("base", "ssr1") goes through stages."""
+    names = {s["name"] for s in data["stages"]}
+    node, rest = (stage(data, path[0]), path[1:]) if path[0] in names else (data, path)
+    for key in rest[:-1]:
+        node = node[key]
+    return node
+
+
+def setin(*path, value):
+    def mutate(data):
+        _parent(data, path)[path[-1]] = value
+    return mutate
+
+
+def rename(*path, to):
+    """A typo: the key at the end of `path` is renamed, its value kept."""
+    def mutate(data):
+        node = _parent(data, path)
+        node[to] = node.pop(path[-1])
+    return mutate
+
+
+def delete(*path):
+    def mutate(data):
+        del _parent(data, path)[path[-1]]
+    return mutate
+
+
+def each(*mutations):
+    def mutate(data):
+        for m in mutations:
+            m(data)
+    return mutate
+
+
+def top(key, value):
+    return setin(key, value=value)
+
+
+def levels(name, mults, **extra):
+    """Give a stage's U-Net len(mults) levels, every per-level list sized to match."""
+    def mutate(data):
+        unet = stage(data, name)["unet"]
+        n = len(mults)
+        unet.update(channel_mults=list(mults), num_res_blocks=[1] * n, spatial_attention=[False] * n,
+                    cross_attention=[False] * (n - 1) + [True], temporal=[unet["temporal"][0]] * n)
+        stage(data, name).update(extra)
+    return mutate
+
+
+def drop_first_stage(data):
+    del data["stages"][0]
+
+
+def bad_indent(text: str) -> str:
+    lines = text.splitlines(keepends=True)
+    index = next(i for i, line in enumerate(lines) if line.startswith("    kind: base"))
+    lines[index] = "   kind: base\n"  # one space short of its siblings
+    return "".join(lines)
+
+
+def duplicate_line(line: str):
+    def edit(text: str) -> str:
+        assert line in text
+        return text.replace(line, line + line, 1)
+    return edit
+
+
+# --- the table: (id, mutation, field path substring, problem substring) -------------------------------------
+# An empty path means the problem concerns the whole file (syntax, unreadable file, override syntax).
+
+CASES = [
+    # typos at every level, each with a did-you-mean hint
+    ("typo-top-level", rename("eval", to="evl"), "evl", "unknown key 'evl'; did you mean 'eval'?"),
+    ("typo-text-encoder", rename("text_encoder", "max_tokens", to="max_token"), "text_encoder.max_token",
+     "did you mean 'max_tokens'?"),
+    ("typo-stage", rename("base", "frames", to="frmes"), "stages.base.frmes", "did you mean 'frames'?"),
+    ("typo-unet", rename("ssr1", "unet", "channels", to="chanels"), "stages.ssr1.unet.chanels",
+     "did you mean 'channels'?"),
+    ("typo-diffusion", rename("base", "diffusion", "parameterization", to="parametrization"),
+     "stages.base.diffusion.parametrization", "did you mean 'parameterization'?"),
+    ("typo-schedule", rename("tsr1", "diffusion", "schedule", "logsnr_max", to="logsnrmax"),
+     "stages.tsr1.diffusion.schedule.logsnrmax", "did you mean 'logsnr_max'?"),
+    ("typo-augmentation", rename("ssr2", "augmentation", "sample_logsnr", to="sample_lognsr"),
+     "stages.ssr2.augmentation.sample_lognsr", "did you mean 'sample_logsnr'?"),
+    ("typo-guidance", rename("base", "guidance", "text_drop_prob", to="text_dropprob"),
+     "stages.base.guidance.text_dropprob", "did you mean 'text_drop_prob'?"),
+    ("typo-oscillate", setin("base", "guidance", "oscillate", value={"high": 15.0, "lo": 1.0}),
+     "stages.base.guidance.oscillate.lo", "did you mean 'low'?"),
+    ("typo-sampler", rename("tsr2", "sampler", "steps", to="step"), "stages.tsr2.sampler.step",
+     "did you mean 'steps'?"),
+    ("typo-train", rename("base", "train", "batch_size", to="batchsize"), "stages.base.train.batchsize",
+     "did you mean 'batch_size'?"),
+    ("typo-optimizer", rename("base", "train", "optimizer", "weight_decay", to="weight_decy"),
+     "stages.base.train.optimizer.weight_decy", "did you mean 'weight_decay'?"),
+    ("typo-lr-schedule", rename("ssr3", "train", "lr_schedule", "warmup_steps", to="warmup_step"),
+     "stages.ssr3.train.lr_schedule.warmup_step", "did you mean 'warmup_steps'?"),
+    ("typo-crop", rename("ssr3", "train", "crop", "height", to="heigth"), "stages.ssr3.train.crop.heigth",
+     "did you mean 'height'?"),
+    ("typo-distill", rename("base", "distill", "guidance", to="guidence"), "stages.base.distill.guidence",
+     "did you mean 'guidance'?"),
+    ("typo-distill-guidance", rename("base", "distill", "guidance", "w_max", to="wmax"),
+     "stages.base.distill.guidance.wmax", "did you mean 'w_max'?"),
+    ("typo-progressive", rename("tsr3", "distill", "progressive", "end_steps", to="end_step"),
+     "stages.tsr3.distill.progressive.end_step", "did you mean 'end_steps'?"),
+    ("typo-launch", rename("base", "launch", "gpus_per_node", to="gpus_per_nodes"),
+     "stages.base.launch.gpus_per_nodes", "did you mean 'gpus_per_node'?"),
+    ("typo-data", rename("data", "num_workers", to="num_worker"), "data.num_worker",
+     "did you mean 'num_workers'?"),
+    ("typo-eval", rename("eval", "metrics", to="metric"), "eval.metric", "did you mean 'metrics'?"),
+    ("typo-cluster", rename("cluster", "account", to="acount"), "cluster.acount", "did you mean 'account'?"),
+    ("unknown-key-lists-allowed", top("frobnicate", 1), "frobnicate", "allowed: name, extends, run_dir"),
+
+    # wrong types (nothing is coerced)
+    ("string-for-int", setin("base", "frames", value="four"), "stages.base.frames", "valid integer (got 'four')"),
+    ("quoted-int", setin("ssr1", "unet", "channels", value="16"), "stages.ssr1.unet.channels",
+     "valid integer (got '16')"),
+    ("float-for-int", setin("base", "train", "batch_size", value=4.0), "stages.base.train.batch_size",
+     "valid integer"),
+    ("bool-for-int", setin("base", "frames", value=True), "stages.base.frames", "valid integer"),
+    ("int-for-bool", setin("base", "unet", "checkpointing", value=1), "stages.base.unet.checkpointing",
+     "valid boolean (got 1)"),
+    ("int-for-bool-in-list", setin("base", "unet", "spatial_attention", value=[0, 1]),
+     "stages.base.unet.spatial_attention[0]", "valid boolean"),
+    ("quoted-float", setin("base", "fps", value="2"), "stages.base.fps", "valid number"),
+    ("list-for-scalar", setin("base", "train", "lr", value=[1e-4]), "stages.base.train.lr", "valid number"),
+    ("scalar-for-list", setin("base", "unet", "channel_mults", value=2), "stages.base.unet.channel_mults",
+     "valid list"),
+    ("string-for-list", setin("eval", "steps", value="4,16"), "eval.steps", "valid list"),
+    ("scalar-for-section", setin("base", "diffusion", value="v"), "stages.base.diffusion", "valid dictionary"),
+    ("null-for-required", setin("base", "train", "batch_size", value=None), "stages.base.train.batch_size",
+     "valid integer (got None)"),
+    ("null-for-required-section", setin("tsr1", "unet", value=None), "stages.tsr1.unet", "valid dictionary"),
+    ("int-for-name", top("name", 7), "name", "valid string (got 7)"),
+    ("stages-as-mapping", top("stages", {"base": {"kind": "base"}}), "stages", "valid list"),
+    ("nan-float", setin("base", "diffusion", "schedule", "logsnr_min", value=float("nan")),
+     "stages.base.diffusion.schedule.logsnr_min", "finite number"),
+    # YAML 1.1 would read an unquoted 48:00 as the base-60 int 2880 ("got 2880"); the loader keeps the string.
+    ("launch-time-unquoted", Text(lambda t: t.replace('time: "00:30:00"', "time: 48:00", 1)),
+     "stages.base.launch", "time '48:00' is not [D-]HH:MM:SS"),
+
+    # out-of-range values
+    ("negative-lr", setin("base", "train", "lr", value=-1e-4), "stages.base.train.lr", "greater than 0"),
+    ("ema-decay-one", setin("base", "train", "ema_decay", value=1.0), "stages.base.train.ema_decay", "less than 1"),
+    ("text-drop-prob", setin("base", "guidance", "text_drop_prob", value=1.5), "stages.base.guidance.text_drop_prob",
+     "less than or equal to 1"),
+    ("dynamic-threshold-fraction", setin("base", "guidance", "dynamic_threshold", value=0.995),
+     "stages.base.guidance.dynamic_threshold", "greater than 50"),
+    ("gamma-two", setin("tsr1", "sampler", "gamma", value=2), "stages.tsr1.sampler.gamma", "less than or equal to 1"),
+    ("dropout-one", setin("ssr1", "unet", "dropout", value=1), "stages.ssr1.unet.dropout", "less than 1"),
+    ("zero-batch", setin("base", "train", "batch_size", value=0), "stages.base.train.batch_size", "greater than 0"),
+    ("negative-fps", setin("base", "fps", value=-2), "stages.base.fps", "greater than 0"),
+    ("beta-one", setin("base", "train", "optimizer", "betas", value=[0.9, 1.0]),
+     "stages.base.train.optimizer.betas[1]", "less than 1"),
+    ("one-beta", setin("base", "train", "optimizer", "betas", value=[0.9]), "stages.base.train.optimizer.betas",
+     "at least 2 items"),
+    ("negative-guidance", setin("base", "guidance", "weight", value=-1.0), "stages.base.guidance.weight",
+     "greater than or equal to 0"),
+    ("negative-workers", setin("data", "num_workers", value=-1), "data.num_workers", "greater than or equal to 0"),
+    ("zero-eval-steps", setin("eval", "steps", value=[0, 16]), "eval.steps[0]", "greater than 0"),
+    ("guidance-distill-range", setin("base", "distill", "guidance", "w_min", value=5.0),
+     "stages.base.distill.guidance", "w_min (5.0) must not exceed w_max (4.0)"),
+
+    # invalid literals
+    ("parameterization-epsilon", setin("base", "diffusion", "parameterization", value="epsilon"),
+     "stages.base.diffusion.parameterization", "got 'epsilon'"),
+    ("temporal-attn", setin("base", "unet", "temporal", value=["attn", "attention"]), "stages.base.unet.temporal[0]",
+     "'attention', 'conv' or 'none' (got 'attn')"),
+    ("sampler-dpm", setin("base", "sampler", "kind", value="dpm"), "stages.base.sampler.kind", "got 'dpm'"),
+    ("precision-bf16", setin("base", "train", "precision", value="bf16"), "stages.base.train.precision",
+     "got 'bf16'"),
+    ("strategy-deepspeed", setin("base", "launch", "strategy", value="deepspeed"), "stages.base.launch.strategy",
+     "'ddp' or 'fsdp' (got 'deepspeed')"),
+    ("stage-kind-sr", setin("ssr1", "kind", value="sr"), "stages.ssr1.kind", "got 'sr'"),
+    ("metric-fid", setin("eval", "metrics", value=["fid"]), "eval.metrics[0]", "got 'fid'"),
+
+    # per-level lists, attention heads, schedules
+    ("res-blocks-length", setin("base", "unet", "num_res_blocks", value=[1]), "stages.base.unet",
+     "num_res_blocks has 1 entries but channel_mults has 2 levels"),
+    ("temporal-length", setin("ssr2", "unet", "temporal", value=["conv", "conv", "conv"]), "stages.ssr2.unet",
+     "temporal has 3 entries but channel_mults has 2 levels"),
+    ("no-levels", setin("base", "unet", "channel_mults", value=[]), "stages.base.unet.channel_mults",
+     "at least 1 item"),
+    ("head-dim-level-0", setin("base", "unet", "head_dim", value=24), "stages.base.unet",
+     "level 0 has 16 channels, not divisible by head_dim 24"),
+    ("head-dim-level-1", setin("ssr1", "unet", "head_dim", value=12), "stages.ssr1.unet",
+     "level 1 has 32 channels, not divisible by head_dim 12"),
+    ("schedule-equal", setin("base", "diffusion", "schedule", "logsnr_min", value=20.0),
+     "stages.base.diffusion.schedule", "logsnr_min (20.0) must be below logsnr_max (20.0)"),
+    ("schedule-reversed", setin("tsr1", "diffusion", "schedule", value={"logsnr_min": 5.0, "logsnr_max": -5.0}),
+     "stages.tsr1.diffusion.schedule", "must be below logsnr_max"),
+    ("aug-sample-outside", setin("ssr1", "augmentation", "sample_logsnr", value=25.0), "stages.ssr1.augmentation",
+     "sample_logsnr 25.0 is outside the training range [-2.0, 20.0]"),
+    ("aug-reversed", setin("ssr1", "augmentation", "logsnr_min", value=30.0), "stages.ssr1.augmentation",
+     "logsnr_min (30.0) must be below logsnr_max (20.0)"),
+    ("distill-not-power-of-two", setin("base", "distill", "progressive", "start_steps", value=24),
+     "stages.base.distill.progressive", "start_steps (24) must be end_steps (4) times a power of two"),
+    ("distill-no-rounds", setin("base", "distill", "progressive", "end_steps", value=16),
+     "stages.base.distill.progressive", "times a power of two greater than one"),
+    ("launch-time-format", setin("base", "launch", "time", value="48h"), "stages.base.launch",
+     "time '48h' is not [D-]HH:MM:SS"),
+
+    # names
+    ("stage-name-capitals", setin("ssr3", "name", value="SSR3"), "stages.SSR3.name", "should match pattern"),
+    ("stage-name-space", setin("ssr3", "name", value="ssr 3"), "stages.ssr 3.name", "should match pattern"),
+    ("recipe-name-space", top("name", "my run"), "name", "should match pattern"),
+    ("duplicate-stage-name", setin("ssr3", "name", value="ssr1"), "stages.ssr1.name",
+     "stage name 'ssr1' is used twice"),
+
+    # the cascade must chain
+    ("first-stage-not-base", drop_first_stage, "stages.tsr1.kind", "the first stage must be a base stage, not tsr"),
+    ("second-base", setin("ssr3", "kind", value="base"), "stages.ssr3.kind", "only the first stage can be a base"),
+    ("base-with-input", setin("base", "input", value="tsr1"), "stages.base.input", "a base stage has no input"),
+    ("base-with-augmentation", setin("base", "augmentation", value={"sample_logsnr": 1.1}),
+     "stages.base.augmentation", "no low-resolution input to augment"),
+    ("sr-without-input", delete("ssr1", "input"), "stages.ssr1.input", "a ssr stage needs an input stage"),
+    ("input-unknown", setin("ssr1", "input", value="tsr9"), "stages.ssr1.input",
+     "input 'tsr9' is not a stage of this recipe"),
+    ("input-later", setin("ssr1", "input", value="ssr2"), "stages.ssr1.input", "input 'ssr2' is not an earlier stage"),
+    ("input-not-previous", setin("ssr2", "input", value="tsr1"), "stages.ssr2.input",
+     "input 'tsr1' is not the previous stage 'ssr1'"),
+    ("tsr-frames-not-multiple", each(setin("tsr1", "frames", value=6), setin("tsr1", "fps", value=3)),
+     "stages.tsr1.frames", "frames (6) must be an integer multiple (>1) of its input's (4)"),
+    ("tsr-frames-unchanged", each(setin("tsr1", "frames", value=4), setin("tsr1", "fps", value=2)),
+     "stages.tsr1.frames", "integer multiple (>1)"),
+    ("tsr-changes-size", setin("tsr1", "width", value=32), "stages.tsr1.width",
+     "a tsr stage keeps its input's width (16), got 32"),
+    ("ssr-changes-frames", each(setin("ssr1", "frames", value=16), setin("ssr1", "fps", value=8)),
+     "stages.ssr1.frames", "an ssr stage keeps its input's frames (8), got 16"),
+    ("ssr-not-growing", each(setin("ssr1", "width", value=16), setin("ssr1", "height", value=16)),
+     "stages.ssr1.width", "must grow its input's size 16x16, got 16x16"),
+    ("ssr-shrinks-one-axis", setin("ssr2", "height", value=16), "stages.ssr2.width", "got 64x16"),
+    ("fps-inconsistent-tsr", setin("tsr1", "fps", value=3), "stages.tsr1.fps", "expected fps 4"),
+    ("fps-inconsistent-ssr", setin("ssr1", "fps", value=8), "stages.ssr1.fps", "expected fps 4"),
+    # 3 levels downsample 2x twice (factor 4), so 20 divides; 4 levels (factor 8) and 18 with 3 levels do not.
+    ("width-not-divisible-4-levels", levels("ssr3", [1, 2, 2, 2], width=132, height=128), "stages.ssr3.width",
+     "width 132 is not divisible by the U-Net's downsampling factor 8 (4 levels)"),
+    ("height-not-divisible-3-levels", levels("base", [1, 2, 2], height=18), "stages.base.height",
+     "height 18 is not divisible by the U-Net's downsampling factor 4 (3 levels)"),
+    ("crop-too-large", setin("ssr3", "train", "crop", value={"width": 256, "height": 64}),
+     "stages.ssr3.train.crop.width", "crop width 256 exceeds the stage's width 128"),
+    ("crop-not-divisible", setin("ssr3", "train", "crop", value={"width": 64, "height": 63}),
+     "stages.ssr3.train.crop.height", "crop height 63 is not divisible by the U-Net's downsampling factor 2"),
+
+    # data and missing sections
+    ("shards-without-path", setin("data", "kind", value="shards"), "data", "kind is 'shards' but no shards path"),
+    ("stages-empty", top("stages", []), "stages", "at least 1 item"),
+    ("stages-missing", delete("stages"), "stages", "required field is missing"),
+    ("max-steps-missing", delete("base", "train", "max_steps"), "stages.base.train.max_steps",
+     "required field is missing"),
+    ("unet-missing", delete("tsr2", "unet"), "stages.tsr2.unet", "required field is missing"),
+    ("name-missing", delete("name"), "name", "required field is missing"),
+    ("stage-not-a-mapping", top("stages", ["base"]), "stages[0]", "valid dictionary"),
+
+    # files and YAML syntax
+    ("yaml-syntax", Text(bad_indent), "", f"line {line_of('    kind: base')}, column 4: invalid YAML"),
+    ("yaml-tab", Text(lambda t: "name: tiny\nstages:\n\t- name: base\n"), "", "line 3"),
+    ("yaml-unclosed-flow", Text(lambda t: t.replace("channel_mults: [1, 2]", "channel_mults: [1, 2", 1)), "",
+     "invalid YAML"),
+    ("yaml-duplicate-key", Text(duplicate_line("    frames: 4\n")), "",
+     f"line {line_of('    frames: 4') + 1}, column 5: invalid YAML: duplicate key 'frames' "
+     f"(first at line {line_of('    frames: 4')})"),
+    ("yaml-duplicate-top-key", Text(lambda t: t + "name: again\n"), "", "duplicate key 'name'"),
+    ("yaml-unhashable-key", Text(lambda t: "name: tiny\n? [a, b]\n: 1\n"), "", "found unhashable key"),
+    ("yaml-python-tag", Text(lambda t: "name: !!python/object/apply:os.system [ls]\n"), "",
+     "could not determine a constructor"),
+    ("top-level-list", Text(lambda t: "- name: tiny\n- stages: []\n"), "",
+     "a recipe is a mapping of sections, got list"),
+    ("top-level-scalar", Text(lambda t: "tiny\n"), "", "a recipe is a mapping of sections, got str"),
+    ("empty-file", Text(lambda t: ""), "", "a recipe is a mapping of sections"),
+    ("not-utf8", Text(lambda t: t.encode("utf-16")), "", "not UTF-8 text"),
+    ("nonexistent-file", Files({}, main="missing.yaml"), "", "cannot read the recipe"),
+    ("directory", Files({"sub/tiny.yaml": TINY_TEXT}, main="sub"), "", "cannot read the recipe"),
+
+    # extends
+    ("extends-two-levels", Files({"grand.yaml": TINY_TEXT, "mid.yaml": "extends: grand.yaml\nname: mid\n",
+                                  "recipe.yaml": "extends: mid.yaml\nname: child\n"}),
+     "extends", "mid.yaml itself extends grand.yaml: at most one level"),
+    ("extends-missing", Files({"recipe.yaml": "extends: nowhere.yaml\nname: child\n"}), "extends",
+     "'nowhere.yaml' is not a file"),
+    ("extends-not-a-path", Files({"recipe.yaml": "extends: [a.yaml, b.yaml]\nname: child\n"}), "extends",
+     "must be a path to a recipe file"),
+    ("extends-base-syntax", Files({"base.yaml": "name: [\n", "recipe.yaml": "extends: base.yaml\n"},
+                                  source="base.yaml"), "", "invalid YAML"),
+    ("extends-child-typo", Files({"base.yaml": TINY_TEXT, "recipe.yaml":
+                                  "extends: base.yaml\nstages:\n  - name: ssr1\n    unet: {chanels: 32}\n"}),
+     "stages.ssr1.unet.chanels", "did you mean 'channels'?"),
+
+    # command-line overrides
+    ("override-unknown-stage", Override(("stages.bsae.train.lr=1e-4",)), "stages.bsae",
+     "no stage named 'bsae'; did you mean 'base'?"),
+    ("override-unknown-key", Override(("stages.base.train.lrr=1e-4",)), "stages.base.train.lrr",
+     "unknown key 'lrr'; did you mean 'lr'?"),
+    ("override-new-section-key", Override(("stages.base.train.crop.widht=8",)), "stages.base.train.crop.widht",
+     "did you mean 'width'?"),
+    ("override-without-equals", Override(("stages.base.train.lr",)), "", "is not KEY.PATH=VALUE"),
+    ("override-empty-segment", Override(("stages.base..lr=1",)), "", "has an empty key segment"),
+    ("override-wrong-type", Override(("stages.base.frames=four",)), "stages.base.frames",
+     "valid integer (got 'four')"),
+    ("override-quoted-int", Override(("stages.ssr1.unet.channels='16'",)), "stages.ssr1.unet.channels",
+     "valid integer (got '16')"),
+    ("override-bad-yaml", Override(("stages.base.unet.temporal=[conv",)), "stages.base.unet.temporal",
+     "is not valid YAML"),
+    ("override-stage-itself", Override(("stages.base=3",)), "stages.base", "name a field of the stage"),
+    ("override-into-scalar", Override(("name.first=x",)), "name.first", "cannot set a key inside a str"),
+    ("override-index-out-of-range", Override(("stages.9.frames=4",)), "stages.9", "no stage named '9'"),
+    ("override-breaks-chain", Override(("stages.tsr1.fps=5",)), "stages.tsr1.fps", "expected fps 4"),
+]
+
+
+def _write(mutation, tmp_path: Path) -> tuple[list[str], str]:
+    """Write the malformed recipe; return the argv of `cascade validate` and the source its message names."""
+    path = tmp_path / "recipe.yaml"
+    if isinstance(mutation, Files):
+        for name, text in mutation.files.items():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text(text)
+        return ["validate", str(tmp_path / mutation.main)], str(tmp_path / (mutation.source or mutation.main))
+    if isinstance(mutation, Override):
+        return ["validate", str(TINY), *mutation.args], "command line"
+    if isinstance(mutation, Text):
+        content = mutation.edit(TINY_TEXT)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    else:
+        data = copy.deepcopy(TINY_DATA)
+        mutation(data)
+        path.write_text(dump(data))
+    return ["validate", str(path)], str(path)
+
+
+@pytest.mark.parametrize("field, problem, mutation", [pytest.param(f, p, m, id=i) for i, m, f, p in CASES])
+def test_malformed_recipe_exits_2_with_one_line_naming_file_field_and_problem(field, problem, mutation, tmp_path,
+                                                                              capsys):
+    argv, source = _write(mutation, tmp_path)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, f"expected exit 2, got {code}; stdout:\n{out}"
+    assert "Traceback" not in out + err
+    assert out == ""
+    assert err.startswith("error: ")
+    lines = err.removeprefix("error: ").splitlines()
+    # Override errors name either the command line (syntax, unknown stage) or the file "(with command-line
+    # overrides)" (a value the schema rejects).
+    sources = (source, str(TINY)) if isinstance(mutation, Override) else (source,)
+    matching = [line for line in lines
+                if line.startswith(sources) and f"{field}: " in line and problem in line]
+    assert matching, f"no line names {sources[0]!r}, {field!r} and {problem!r}:\n{err}"
+
+
+def test_table_has_at_least_60_distinct_cases():
+    ids = [case[0] for case in CASES]
+    assert len(ids) >= 60
+    assert len(set(ids)) == len(ids), sorted(i for i in ids if ids.count(i) > 1)
+    assert all(len(case) == 4 and case[3] for case in CASES)
+
+
+def test_unmutated_tiny_is_valid(tmp_path):
+    """The cases fail because of their mutation, not because the dump of tiny.yaml is itself invalid."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump(copy.deepcopy(TINY_DATA)))
+    assert load_recipe(path).model_dump() == load_recipe(TINY).model_dump()
+
+
+def test_every_problem_is_reported_at_once(tmp_path, capsys):
+    data = copy.deepcopy(TINY_DATA)
+    setin("base", "train", "lr", value=-1.0)(data)
+    rename("ssr1", "unet", "channels", to="chanels")(data)
+    setin("eval", "metrics", value=["fid"])(data)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump(data))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    for field in ("stages.base.train.lr: ", "stages.ssr1.unet.chanels: ", "stages.ssr1.unet.channels: ",
+                  "eval.metrics[0]: "):
+        assert field in err
+    assert all(line.removeprefix("error: ").startswith(str(path)) for line in err.splitlines())
+
+
+def test_console_script_reports_malformed_recipe_without_traceback(tmp_path):
+    data = copy.deepcopy(TINY_DATA)
+    setin("ssr1", "unet", "channels", value="16")(data)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump(data))
+    script = Path(sys.executable).parent / "cascade"
+    result = subprocess.run([str(script), "validate", str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: {path}: stages.ssr1.unet.channels: Input should be a valid integer "
+                                     f"(got '16')")
