@@ -27,6 +27,18 @@ TINY_TEXT = TINY.read_text()
 TINY_DATA = yaml.safe_load(TINY_TEXT)
 
 
+S = {s["name"]: s for s in TINY_DATA["stages"]}  # tiny's stages: size-dependent expectations derive from them
+
+
+def factor(name: str) -> int:
+    """The U-Net downsampling factor of one of tiny's stages."""
+    return 2 ** (len(S[name]["unet"]["channel_mults"]) - 1)
+
+
+def width_at(name: str, level: int) -> int:
+    return S[name]["unet"]["channels"] * S[name]["unet"]["channel_mults"][level]
+
+
 def dump(data: dict) -> str:
     return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
 
@@ -248,19 +260,22 @@ CASES = [
      "temporal has 3 entries but channel_mults has 2 levels"),
     ("no-levels", setin("base", "unet", "channel_mults", value=[]), "stages.base.unet.channel_mults",
      "at least 1 item"),
-    ("head-dim-level-0", setin("base", "unet", "head_dim", value=24), "stages.base.unet",
-     "level 0 has 16 channels, not divisible by head_dim 24"),
-    ("head-dim-level-1", setin("ssr1", "unet", "head_dim", value=12), "stages.ssr1.unet",
-     "level 1 has 32 channels, not divisible by head_dim 12"),
+    # base level 0 has temporal attention; ssr1 level 0 has none, so its first complaint is about level 1
+    ("head-dim-level-0", setin("base", "unet", "head_dim", value=width_at("base", 0) + 8), "stages.base.unet",
+     f"level 0 has {width_at('base', 0)} channels, not divisible by head_dim {width_at('base', 0) + 8}"),
+    ("head-dim-level-1", setin("ssr1", "unet", "head_dim", value=width_at("ssr1", 1) - 4), "stages.ssr1.unet",
+     f"level 1 has {width_at('ssr1', 1)} channels, not divisible by head_dim {width_at('ssr1', 1) - 4}"),
     ("schedule-equal", setin("base", "diffusion", "schedule", "logsnr_min", value=20.0),
      "stages.base.diffusion.schedule", "logsnr_min (20.0) must be below logsnr_max (20.0)"),
     ("schedule-reversed", setin("tsr1", "diffusion", "schedule", value={"logsnr_min": 5.0, "logsnr_max": -5.0}),
      "stages.tsr1.diffusion.schedule", "must be below logsnr_max"),
     ("aug-sample-outside", setin("ssr1", "augmentation", "sample_logsnr", value=25.0), "stages.ssr1.augmentation",
-     "sample_logsnr 25.0 is outside the training range [-2.0, 20.0]"),
+     f"sample_logsnr 25.0 is outside the training range [{S['ssr1']['augmentation']['logsnr_min']}, "
+     f"{S['ssr1']['augmentation']['logsnr_max']}]"),
     ("aug-reversed", setin("ssr1", "augmentation", "logsnr_min", value=30.0), "stages.ssr1.augmentation",
      "logsnr_min (30.0) must be below logsnr_max (20.0)"),
-    ("distill-not-power-of-two", setin("base", "distill", "progressive", "start_steps", value=24),
+    ("distill-not-power-of-two", each(setin("base", "distill", "progressive", "start_steps", value=24),
+                                      setin("base", "distill", "progressive", "end_steps", value=4)),
      "stages.base.distill.progressive", "start_steps (24) must be end_steps (4) times a power of two"),
     ("distill-no-rounds", setin("base", "distill", "progressive", "end_steps", value=16),
      "stages.base.distill.progressive", "times a power of two greater than one"),
@@ -286,28 +301,45 @@ CASES = [
     ("input-later", setin("ssr1", "input", value="ssr2"), "stages.ssr1.input", "input 'ssr2' is not an earlier stage"),
     ("input-not-previous", setin("ssr2", "input", value="tsr1"), "stages.ssr2.input",
      "input 'tsr1' is not the previous stage 'ssr1'"),
-    ("tsr-frames-not-multiple", each(setin("tsr1", "frames", value=6), setin("tsr1", "fps", value=3)),
-     "stages.tsr1.frames", "frames (6) must be an integer multiple (>1) of its input's (4)"),
-    ("tsr-frames-unchanged", each(setin("tsr1", "frames", value=4), setin("tsr1", "fps", value=2)),
+    ("tsr-frames-not-multiple", each(setin("tsr1", "frames", value=S["base"]["frames"] * 3 // 2),
+                                     setin("tsr1", "fps", value=S["base"]["fps"] * 3 / 2)),
+     "stages.tsr1.frames", f"frames ({S['base']['frames'] * 3 // 2}) must be an integer multiple (>1) of its "
+     f"input's ({S['base']['frames']})"),
+    ("tsr-frames-unchanged", each(setin("tsr1", "frames", value=S["base"]["frames"]),
+                                  setin("tsr1", "fps", value=S["base"]["fps"])),
      "stages.tsr1.frames", "integer multiple (>1)"),
-    ("tsr-changes-size", setin("tsr1", "width", value=32), "stages.tsr1.width",
-     "a tsr stage keeps its input's width (16), got 32"),
-    ("ssr-changes-frames", each(setin("ssr1", "frames", value=16), setin("ssr1", "fps", value=8)),
-     "stages.ssr1.frames", "an ssr stage keeps its input's frames (8), got 16"),
-    ("ssr-not-growing", each(setin("ssr1", "width", value=16), setin("ssr1", "height", value=16)),
-     "stages.ssr1.width", "must grow its input's size 16x16, got 16x16"),
-    ("ssr-shrinks-one-axis", setin("ssr2", "height", value=16), "stages.ssr2.width", "got 64x16"),
-    ("fps-inconsistent-tsr", setin("tsr1", "fps", value=3), "stages.tsr1.fps", "expected fps 4"),
-    ("fps-inconsistent-ssr", setin("ssr1", "fps", value=8), "stages.ssr1.fps", "expected fps 4"),
-    # 3 levels downsample 2x twice (factor 4), so 20 divides; 4 levels (factor 8) and 18 with 3 levels do not.
-    ("width-not-divisible-4-levels", levels("ssr3", [1, 2, 2, 2], width=132, height=128), "stages.ssr3.width",
-     "width 132 is not divisible by the U-Net's downsampling factor 8 (4 levels)"),
-    ("height-not-divisible-3-levels", levels("base", [1, 2, 2], height=18), "stages.base.height",
-     "height 18 is not divisible by the U-Net's downsampling factor 4 (3 levels)"),
-    ("crop-too-large", setin("ssr3", "train", "crop", value={"width": 256, "height": 64}),
-     "stages.ssr3.train.crop.width", "crop width 256 exceeds the stage's width 128"),
-    ("crop-not-divisible", setin("ssr3", "train", "crop", value={"width": 64, "height": 63}),
-     "stages.ssr3.train.crop.height", "crop height 63 is not divisible by the U-Net's downsampling factor 2"),
+    ("tsr-changes-size", setin("tsr1", "width", value=2 * S["base"]["width"]), "stages.tsr1.width",
+     f"a tsr stage keeps its input's width ({S['base']['width']}), got {2 * S['base']['width']}"),
+    ("ssr-changes-frames", each(setin("ssr1", "frames", value=2 * S["tsr1"]["frames"]),
+                                setin("ssr1", "fps", value=2 * S["tsr1"]["fps"])),
+     "stages.ssr1.frames", f"an ssr stage keeps its input's frames ({S['tsr1']['frames']}), "
+     f"got {2 * S['tsr1']['frames']}"),
+    ("ssr-not-growing", each(setin("ssr1", "width", value=S["tsr1"]["width"]),
+                             setin("ssr1", "height", value=S["tsr1"]["height"])),
+     "stages.ssr1.width", f"must grow its input's size {S['tsr1']['width']}x{S['tsr1']['height']}, "
+     f"got {S['tsr1']['width']}x{S['tsr1']['height']}"),
+    ("ssr-shrinks-one-axis", setin("ssr2", "height", value=S["ssr1"]["height"] // 2), "stages.ssr2.width",
+     f"got {S['ssr2']['width']}x{S['ssr1']['height'] // 2}"),
+    ("fps-inconsistent-tsr", setin("tsr1", "fps", value=S["tsr1"]["fps"] + 1), "stages.tsr1.fps",
+     f"expected fps {S['tsr1']['fps']:g}"),
+    ("fps-inconsistent-ssr", setin("ssr1", "fps", value=2 * S["ssr1"]["fps"]), "stages.ssr1.fps",
+     f"expected fps {S['ssr1']['fps']:g}"),
+    # 3 levels downsample 2x twice (factor 4), so a width of 20 would divide; 4 levels (factor 8) do not divide
+    # 8k + 4, nor 3 levels 4k + 2.
+    ("width-not-divisible-4-levels", levels("ssr3", [1, 2, 2, 2], width=S["ssr3"]["width"] + 4),
+     "stages.ssr3.width",
+     f"width {S['ssr3']['width'] + 4} is not divisible by the U-Net's downsampling factor 8 (4 levels)"),
+    ("height-not-divisible-3-levels", levels("base", [1, 2, 2], height=S["base"]["height"] + 2),
+     "stages.base.height",
+     f"height {S['base']['height'] + 2} is not divisible by the U-Net's downsampling factor 4 (3 levels)"),
+    ("crop-too-large", setin("ssr3", "train", "crop", value={"width": 2 * S["ssr3"]["width"],
+                                                             "height": S["ssr3"]["height"]}),
+     "stages.ssr3.train.crop.width", f"crop width {2 * S['ssr3']['width']} exceeds the stage's width "
+     f"{S['ssr3']['width']}"),
+    ("crop-not-divisible", setin("ssr3", "train", "crop", value={"width": factor("ssr3"),
+                                                                 "height": factor("ssr3") + 1}),
+     "stages.ssr3.train.crop.height", f"crop height {factor('ssr3') + 1} is not divisible by the U-Net's "
+     f"downsampling factor {factor('ssr3')}"),
 
     # data and missing sections
     ("shards-without-path", setin("data", "kind", value="shards"), "data", "kind is 'shards' but no shards path"),
@@ -371,7 +403,8 @@ CASES = [
     ("override-stage-itself", Override(("stages.base=3",)), "stages.base", "name a field of the stage"),
     ("override-into-scalar", Override(("name.first=x",)), "name.first", "cannot set a key inside a str"),
     ("override-index-out-of-range", Override(("stages.9.frames=4",)), "stages.9", "no stage named '9'"),
-    ("override-breaks-chain", Override(("stages.tsr1.fps=5",)), "stages.tsr1.fps", "expected fps 4"),
+    ("override-breaks-chain", Override((f"stages.tsr1.fps={S['tsr1']['fps'] + 1}",)), "stages.tsr1.fps",
+     f"expected fps {S['tsr1']['fps']:g}"),
 ]
 
 
