@@ -65,16 +65,17 @@ class GaussianMixtureDenoiser:
         self.weights = self.weights / self.weights.sum()
 
     def __call__(self, z: Tensor, logsnr: Tensor | float) -> Tensor:
-        alpha, sigma = (c[..., None] for c in _broadcast_alpha_sigma(z, logsnr))
-        w, m, s = (p.to(z) for p in (self.weights, self.means, self.stds))
-        z = z[..., None]  # (..., 1) against components (K,)
+        alpha, sigma = _broadcast_alpha_sigma(z, logsnr)
+        # components lead: (K, 1, ..., 1) against z[None]: (1, ...)
+        w, m, s = (append_dims(p.to(z), z.ndim + 1) for p in (self.weights, self.means, self.stds))
         var_z = alpha ** 2 * s ** 2 + sigma ** 2  # Var[z | k] = alpha^2 s_k^2 + sigma^2
+        resid = z[None] - alpha * m  # z - E[z | k]
         # responsibilities r_k ∝ w_k N(z; alpha m_k, Var[z | k]) (Bayes, in log space)
-        log_r = torch.log(w) - 0.5 * torch.log(2 * math.pi * var_z) - (z - alpha * m) ** 2 / (2 * var_z)
-        r = torch.softmax(log_r, dim=-1)
+        log_r = torch.log(w) - 0.5 * torch.log(2 * math.pi * var_z) - resid ** 2 / (2 * var_z)
+        r = torch.softmax(log_r, dim=0)
         # E[x | z, k] = m_k + alpha s_k^2 / Var[z | k] (z - alpha m_k)
-        x_k = m + alpha * s ** 2 / var_z * (z - alpha * m)
-        return (r * x_k).sum(dim=-1)
+        x_k = m + alpha * s ** 2 / var_z * resid
+        return (r * x_k).sum(dim=0)
 
     def sample(self, n: int | Sequence[int], generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float64) -> Tensor:

@@ -75,8 +75,7 @@ def read_yaml(path: Path) -> dict:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise RecipeError(source, [("", f"{where}invalid YAML: {problem}")]) from None
+        raise RecipeError(source, [("", f"{where}invalid YAML: {_yaml_problem(error)}")]) from None
     if not isinstance(data, dict):
         raise RecipeError(source, [("", f"a recipe is a mapping of sections, got {type(data).__name__}")])
     return data
@@ -120,8 +119,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError as error:
-        raise RecipeError("command line", [(key, f"value {raw!r} is not valid YAML: {error}")]) from None
+        raise RecipeError("command line", [(key, f"value {raw!r} is not valid YAML: {_yaml_problem(error)}")]) from None
     return path, value
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The problem of a YAML error on one line (str(error) spans several, with the position)."""
+    return getattr(error, "problem", None) or " ".join(str(error).split())
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:
@@ -130,6 +134,8 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     for depth, segment in enumerate(path[:-1]):
         dotted = ".".join(path[: depth + 1])
         if isinstance(node, list):
+            if path[:depth] != ["stages"]:
+                raise RecipeError("command line", [(dotted, _list_hint(path[:depth]))])
             node = _stage_by_name(node, segment, dotted)
             continue
         if not isinstance(node, dict):
@@ -139,10 +145,16 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
         node = node[segment]
     last = path[-1]
     if isinstance(node, list):
-        raise RecipeError("command line", [(".".join(path), "name a field of the stage, not the stage itself")])
+        problem = ("name a field of the stage, not the stage itself" if path[:-1] == ["stages"]
+                   else _list_hint(path[:-1]))
+        raise RecipeError("command line", [(".".join(path), problem)])
     if not isinstance(node, dict):
         raise RecipeError("command line", [(".".join(path), f"cannot set a key inside a {type(node).__name__}")])
     node[last] = value
+
+
+def _list_hint(path: list[str]) -> str:
+    return f"{'.'.join(path)} is a list: set it whole, e.g. {'.'.join(path)}=[...]"
 
 
 def _stage_by_name(stages: list, segment: str, dotted: str) -> dict:

@@ -367,6 +367,8 @@ CASES = [
      "a recipe is a mapping of sections, got list"),
     ("top-level-scalar", Text(lambda t: "tiny\n"), "", "a recipe is a mapping of sections, got str"),
     ("empty-file", Text(lambda t: ""), "", "a recipe is a mapping of sections"),
+    ("yaml-control-character", Text(lambda t: t.replace("name: tiny", "name: ti\x07ny", 1)), "",
+     "invalid YAML: unacceptable character #x0007"),
     ("not-utf8", Text(lambda t: t.encode("utf-16")), "", "not UTF-8 text"),
     ("nonexistent-file", Files({}, main="missing.yaml"), "", "cannot read the recipe"),
     ("directory", Files({"sub/tiny.yaml": TINY_TEXT}, main="sub"), "", "cannot read the recipe"),
@@ -402,6 +404,9 @@ CASES = [
      "is not valid YAML"),
     ("override-stage-itself", Override(("stages.base=3",)), "stages.base", "name a field of the stage"),
     ("override-into-scalar", Override(("name.first=x",)), "name.first", "cannot set a key inside a str"),
+    ("override-into-list", Override(("stages.base.unet.channel_mults.0=3",)), "stages.base.unet.channel_mults.0",
+     "stages.base.unet.channel_mults is a list: set it whole"),
+    ("override-into-eval-list", Override(("eval.steps.x=1",)), "eval.steps.x", "eval.steps is a list: set it whole"),
     ("override-index-out-of-range", Override(("stages.9.frames=4",)), "stages.9", "no stage named '9'"),
     ("override-breaks-chain", Override((f"stages.tsr1.fps={S['tsr1']['fps'] + 1}",)), "stages.tsr1.fps",
      f"expected fps {S['tsr1']['fps']:g}"),
@@ -445,6 +450,7 @@ def test_malformed_recipe_exits_2_with_one_line_naming_file_field_and_problem(fi
     # Override errors name either the command line (syntax, unknown stage) or the file "(with command-line
     # overrides)" (a value the schema rejects).
     sources = (source, str(TINY)) if isinstance(mutation, Override) else (source,)
+    assert all(line.startswith(sources) for line in lines), f"not one line per problem:\n{err}"
     matching = [line for line in lines
                 if line.startswith(sources) and f"{field}: " in line and problem in line]
     assert matching, f"no line names {sources[0]!r}, {field!r} and {problem!r}:\n{err}"
