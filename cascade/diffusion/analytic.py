@@ -123,8 +123,9 @@ def gaussian_step_maps(mean: float, std: float, logsnrs: Sequence[float] | Tenso
             a_s, sig_s = _ab(lams[i + 1])
             a_ts = a_t / a_s
             k = a_ts * sig_s ** 2 / sig_t ** 2  # posterior mean: alpha_s x + k (z_t - alpha_t x)
-            post_var = sig_s ** 2 - k * a_ts * sig_s ** 2  # sigma~^2_{s|t} = sigma_s^2 - alpha_{t|s}^2 sigma_s^4 / sigma_t^2
-            fwd_var = sig_t ** 2 - a_ts ** 2 * sig_s ** 2  # sigma^2_{t|s}
+            # Var[z_s | z_t, x] = sigma_s^2 - Cov(z_s, z_t)^2 / sigma_t^2 with Cov = alpha_{t|s} sigma_s^2
+            post_var = sig_s ** 2 - k * a_ts * sig_s ** 2
+            fwd_var = sig_t ** 2 - a_ts ** 2 * sig_s ** 2  # Var[z_t | z_s] = sigma^2_{t|s}
             var = post_var ** (1.0 - gamma) * fwd_var ** gamma
             maps.append((k + (a_s - k * a_t) * c, (a_s - k * a_t) * d, math.sqrt(var)))
             continue

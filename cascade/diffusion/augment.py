@@ -11,6 +11,10 @@ from cascade.diffusion.param import append_dims
 from cascade.diffusion.schedule import alpha_sigma, logsnr_cosine
 
 
+def _level_dtype(cond: Tensor) -> torch.dtype:
+    return torch.promote_types(cond.dtype, torch.float32)  # levels stay float32 for half-precision videos
+
+
 @dataclass(frozen=True)
 class NoiseAugmentation:
     """Noises the low-resolution conditioning video and reports the level as a log-SNR.
@@ -34,19 +38,19 @@ class NoiseAugmentation:
     @staticmethod
     def apply(cond: Tensor, aug_logsnr: Tensor, noise: Tensor) -> Tensor:
         """Forward noising of cond: (B, C, T, H, W) at aug_logsnr: (B,) with noise shaped like cond."""
-        alpha, sigma = (append_dims(c, cond.ndim) for c in alpha_sigma(aug_logsnr.to(cond.dtype)))
+        alpha, sigma = (append_dims(c.to(cond.dtype), cond.ndim) for c in alpha_sigma(aug_logsnr))
         # z = alpha c + sigma eps (forward process q(z | c))
         return alpha * cond + sigma * noise
 
     def train(self, cond: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(noisy_cond, aug_logsnr (B,)) with a random level per sample."""
-        t = torch.rand(cond.shape[0], generator=generator, device=cond.device, dtype=cond.dtype)
+        t = torch.rand(cond.shape[0], generator=generator, device=cond.device, dtype=_level_dtype(cond))
         aug_logsnr = logsnr_cosine(t, self.logsnr_min, self.logsnr_max)  # (B,)
         return self._noised(cond, aug_logsnr, generator)
 
     def sample(self, cond: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(noisy_cond, aug_logsnr (B,)) at the fixed sampling level."""
-        aug_logsnr = torch.full((cond.shape[0],), self.sample_logsnr, device=cond.device, dtype=cond.dtype)
+        aug_logsnr = torch.full((cond.shape[0],), self.sample_logsnr, device=cond.device, dtype=_level_dtype(cond))
         return self._noised(cond, aug_logsnr, generator)
 
     def _noised(self, cond: Tensor, aug_logsnr: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

@@ -73,7 +73,8 @@ class Denoiser(nn.Module):
         self.parameterization = parameterization
 
     def _raw(self, z: Tensor, logsnr: Tensor | float, **cond) -> tuple[Tensor, Tensor, Tensor]:
-        logsnr = torch.as_tensor(logsnr, dtype=z.dtype, device=z.device).expand(z.shape[0])  # (B,)
+        dtype = torch.promote_types(z.dtype, torch.float32)  # keep log-SNR precise for half-precision z
+        logsnr = torch.as_tensor(logsnr, dtype=dtype, device=z.device).expand(z.shape[0])  # (B,)
         alpha, sigma = (append_dims(c, z.ndim) for c in alpha_sigma(logsnr))
         return self.net(z, logsnr, **cond), alpha, sigma
 

@@ -52,14 +52,18 @@ def _quantile(a: Tensor, q: float) -> Tensor:
     return v_lo + (pos - lo) * (v_hi - v_lo)
 
 
+def _check_percentile(percentile: float) -> None:
+    if not 1.0 < percentile <= 100.0:
+        raise ValueError(f"percentile is a percentage in (1, 100], e.g. 99.5 (not a fraction like 0.995); "
+                         f"got {percentile}")
+
+
 def dynamic_threshold(x: Tensor, percentile: float = 99.5) -> Tensor:
     """Imagen's dynamic thresholding of x_hat: (B, ...) -> (B, ...) within [-1, 1].
 
     `percentile` is in 0-100 (Imagen shows 99.5), not a fraction. Samples with s <= 1 are unchanged.
     """
-    if not 1.0 < percentile <= 100.0:
-        raise ValueError(f"percentile is a percentage in (1, 100], e.g. 99.5 (not a fraction like 0.995); "
-                         f"got {percentile}")
+    _check_percentile(percentile)
     # s = max(p-th percentile of |x|, 1); x <- clip(x, -s, s) / s (Imagen sec. 2.3)
     a = x.abs().flatten(1)  # (B, D)
     s = _quantile(a.to(torch.promote_types(a.dtype, torch.float32)), percentile / 100.0).clamp(min=1.0)  # (B,)
@@ -81,6 +85,8 @@ class GuidedModel:
                  percentile: float = 99.5, batched: bool = True) -> None:
         if thresholding not in (None, "static", "dynamic"):
             raise ValueError(f"thresholding must be None, 'static' or 'dynamic', got {thresholding!r}")
+        if thresholding == "dynamic":
+            _check_percentile(percentile)
         self.fn, self.weights, self.batched = fn, weights, batched
         self.thresholding, self.percentile = thresholding, percentile
         self.nfe = 0
@@ -101,6 +107,7 @@ class GuidedModel:
         return cls(fn, weights, **kw)
 
     def weight(self, step: int) -> float:
+        """Guidance weight w of step `step`."""
         return float(self.weights) if isinstance(self.weights, (int, float)) else float(self.weights[step])
 
     def __call__(self, z: Tensor, logsnr: Tensor, step: int) -> Tensor:

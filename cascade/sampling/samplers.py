@@ -1,6 +1,6 @@
 """Sampling loops. One denoiser contract for all: `model(z, logsnr, step) -> x_hat`.
 
-z: (B, C, T, H, W) (any trailing dims); logsnr: (B,) in z's dtype; step: the int index i of the step,
+z: (B, C, T, H, W) (any trailing dims); logsnr: (B,) float32 (float64 for float64 z); step: the int index i,
 so guidance may vary per step. `logsnrs` is the grid (N+1,) from `time_grid`, noisiest first; step i
 evaluates the model at logsnrs[i]. The last step returns x_hat itself (as the progressive-distillation
 reference does), so logsnrs[N] is only used by the stochastic sampler. `callback(i, z_i, x_hat_i)`
@@ -35,7 +35,8 @@ def _steps(num_steps: int, progress: bool) -> Iterable[int]:
 
 
 def _predict(model: Model, z: Tensor, logsnr: float, step: int, callback: Callback | None) -> Tensor:
-    x_hat = model(z, torch.full((z.shape[0],), logsnr, dtype=z.dtype, device=z.device), step)
+    dtype = torch.promote_types(z.dtype, torch.float32)  # float32 levels even for half-precision z
+    x_hat = model(z, torch.full((z.shape[0],), logsnr, dtype=dtype, device=z.device), step)
     if callback is not None:
         callback(step, z, x_hat)
     return x_hat

@@ -79,3 +79,10 @@ def test_denoiser_scalar_logsnr_and_bad_parameterization():
     torch.testing.assert_close(out, torch.full((3, 2), 1.5))
     with pytest.raises(ValueError):
         Denoiser(lambda z, l: z, "score")
+
+
+def test_half_precision_z_gets_float32_logsnr():
+    seen = []
+    den = Denoiser(lambda z, logsnr: seen.append(logsnr.dtype) or torch.zeros_like(z), "v")
+    den(torch.randn(2, 3, dtype=torch.bfloat16), torch.tensor([13.7, -2.0]))
+    assert seen == [torch.float32]

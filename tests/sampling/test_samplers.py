@@ -218,3 +218,15 @@ def test_dispatch_progress_and_reproducibility():
     assert torch.equal(a, b)
     single = sample_ancestral(model, z, grid(1))  # one step: x_hat at the top level
     torch.testing.assert_close(single, 0.9 * z)
+
+
+def test_half_precision_video_gets_float32_levels():
+    seen = []
+
+    def model(z, logsnr, step):
+        seen.append(logsnr.dtype)
+        return 0.5 * z
+
+    out = sample_ancestral(model, torch.randn(2, 3, 4, dtype=torch.bfloat16), grid(3),
+                           generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.bfloat16 and seen == [torch.float32] * 3
