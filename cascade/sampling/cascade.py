@@ -124,5 +124,5 @@ class CascadeSampler:
         extra = {"gamma": stage.gamma} if stage.sampler == "ancestral" else {}
         if stage.sampler in ("ancestral", "stochastic"):
             extra["generator"] = generator
-        video = sample(stage.sampler, model, z, logsnrs, progress=progress, **extra)
+        video = sample(stage.sampler, model, z, logsnrs, progress=progress and f"{stage.name} ({stage.sampler})", **extra)
         return video.clamp(-1.0, 1.0), nfe()

@@ -27,11 +27,12 @@ def _floats(logsnrs: Sequence[float] | Tensor) -> list[float]:
     return lams
 
 
-def _steps(num_steps: int, progress: bool) -> Iterable[int]:
+def _steps(num_steps: int, progress: bool | str) -> Iterable[int]:
+    """`progress`: False, True, or the progress bar's label (e.g. the stage name)."""
     if not progress:
         return range(num_steps)
     from tqdm.auto import trange
-    return trange(num_steps, desc="sampling")
+    return trange(num_steps, desc=progress if isinstance(progress, str) else "sampling")
 
 
 def _predict(model: Model, z: Tensor, logsnr: float, step: int, callback: Callback | None) -> Tensor:
