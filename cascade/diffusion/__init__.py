@@ -7,6 +7,7 @@ from cascade.diffusion.analytic import (
     gaussian_step_maps,
 )
 from cascade.diffusion.augment import NoiseAugmentation
+from cascade.diffusion.cfg import drop_captions
 from cascade.diffusion.loss import diffusion_loss, loss_weight, sample_logsnr_train
 from cascade.diffusion.param import (
     Denoiser,
@@ -23,7 +24,7 @@ from cascade.diffusion.schedule import CosineSchedule, alpha_sigma, logsnr_cosin
 
 __all__ = [
     "CosineSchedule", "Denoiser", "GaussianDenoiser", "GaussianMixtureDenoiser", "NoiseAugmentation",
-    "alpha_sigma", "append_dims", "diffusion_loss", "eps_from_v", "eps_from_x", "gaussian_sampler_moments",
+    "alpha_sigma", "append_dims", "diffusion_loss", "drop_captions", "eps_from_v", "eps_from_x", "gaussian_sampler_moments",
     "gaussian_step_maps", "logsnr_cosine", "loss_weight", "resolution_shift", "sample_logsnr_train",
     "t_from_logsnr", "v_from_eps", "v_from_x", "v_from_x_eps", "x_from_eps", "x_from_v",
 ]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from cascade.recipe.schema import Recipe, Stage
@@ -36,12 +34,12 @@ def count_parameters(stage: Stage, recipe: Recipe) -> int:
 
 def build_schedule(stage: Stage):
     """The stage's log-SNR schedule; a resolution-shifted cosine when `shift_base_resolution` is set."""
-    from cascade.diffusion import CosineSchedule
+    from cascade.diffusion import CosineSchedule, resolution_shift
 
     s = stage.diffusion.schedule
     shift = 0.0
     if s.shift_base_resolution is not None:
-        shift = 2.0 * math.log(s.shift_base_resolution / max(stage.width, stage.height))
+        shift = resolution_shift(max(stage.width, stage.height), s.shift_base_resolution)
     return CosineSchedule(logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, shift=shift)
 
 
