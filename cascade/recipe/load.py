@@ -187,7 +187,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         data = merge(base, {k: v for k, v in data.items() if k != "extends"})
         data["extends"] = str(parent_path)
     for text in overrides:
-        apply_override(data, *parse_override(text))
+        try:
+            apply_override(data, *parse_override(text))
+        except RecipeError as error:  # name the recipe and the override, not just "command line"
+            raise RecipeError(f"{path} (override {text!r})", error.problems) from None
     source = str(path) + (" (with command-line overrides)" if overrides else "")
     return validate_data(data, source)
 
