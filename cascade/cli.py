@@ -76,6 +76,74 @@ def cmd_demo(args) -> int:
     return demo_command(args)
 
 
+def _lazy(module: str, function: str):
+    """Run `module.function(args)`, importing the module only when the command runs (fast --help)."""
+    def run(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(args)
+    return run
+
+
+def add_data_parsers(sub) -> None:
+    data = sub.add_parser("data", help="build datasets, the tiny T5 and the T5 embedding cache").add_subparsers(
+        dest="data_command", required=True)
+
+    p = data.add_parser("synth", help="write shards of the built-in synthetic dataset")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--count", type=int, required=True, help="videos to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=0, help="still images to write as well (joint training)")
+    p.add_argument("--split", choices=["train", "heldout"], default="train",
+                   help="train excludes the held-out caption combinations; heldout has only those")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--fps", type=float, default=16.0)
+    p.add_argument("--seconds", type=float, default=2.0, help="duration of each video")
+    p.add_argument("--samples-per-shard", type=int, default=256)
+    p.set_defaults(func=_lazy("cascade.data.synthetic", "synth_command"))
+
+    p = data.add_parser("videos", help="shards from a folder of videos and a captions CSV/JSONL (WebVid layout)")
+    p.add_argument("--videos", type=Path, required=True, help="folder of video files")
+    p.add_argument("--captions", type=Path, required=True, help="CSV or JSONL: id (or videoid), caption (or name), "
+                   "optional path (relative to --videos)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-size", type=int, default=512, help="longest side after re-encoding")
+    p.add_argument("--samples-per-shard", type=int, default=256)
+    p.add_argument("--workers", type=int, default=4)
+    p.set_defaults(func=_lazy("cascade.data.build", "videos_command"))
+
+    p = data.add_parser("images", help="shards from a folder of images and a captions CSV/JSONL")
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--captions", type=Path, required=True, help="CSV or JSONL: id, caption, optional path")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-size", type=int, default=512)
+    p.add_argument("--samples-per-shard", type=int, default=1024)
+    p.add_argument("--workers", type=int, default=4)
+    p.set_defaults(func=_lazy("cascade.data.build", "images_command"))
+
+    p = data.add_parser("tiny-t5", help="a tiny T5 whose sentencepiece tokenizer is trained on a dataset's captions")
+    p.add_argument("--shards", type=Path, required=True, help="dataset folder whose captions train the tokenizer")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_lazy("cascade.data.embed", "tiny_t5_command"))
+
+    p = data.add_parser("embed", help="encode every caption of a dataset once into the T5 embedding cache")
+    p.add_argument("--shards", type=Path, required=True, help="dataset folder (with manifest.json)")
+    p.add_argument("--encoder", required=True, help="T5 folder or hub id")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--out", type=Path, help="cache folder (default: SHARDS/embeddings)")
+    p.add_argument("--part", type=int, default=0, help="this job's slice of the shards (array jobs)")
+    p.add_argument("--parts", type=int, default=1, help="number of slices")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=_lazy("cascade.data.embed", "embed_command"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade", description="Train, distill, sample and evaluate cascaded "
                                      "text-to-video diffusion models from one recipe file.")
@@ -104,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4, help="prompts sampled together")
     p.set_defaults(func=cmd_sample)
+
+    add_data_parsers(sub)
 
     p = sub.add_parser("demo", help="the built-in demo: validate the shipped recipes, then sample a video "
                        "from a randomly initialised tiny cascade")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,23 +18,49 @@ def to_uint8(video: Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float) -> Path:
+def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 12) -> Path:
     """Write (T, H, W, 3) uint8 frames to .mp4 (H.264, yuv420p, lossless-leaning crf 12) or .gif."""
     path = Path(path)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
     suffix = path.suffix.lower()
     if suffix not in (".mp4", ".gif"):
         raise ValueError(f"{path}: only .mp4 and .gif are written, got {suffix or 'no suffix'}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        _encode(file, frames, fps, suffix[1:], crf)
+    return path
+
+
+def encode_video(frames: np.ndarray, fps: float, crf: int = 12) -> bytes:
+    """(T, H, W, 3) uint8 -> the bytes of an H.264 mp4 (what shards store)."""
+    buffer = io.BytesIO()
+    _encode(buffer, frames, fps, "mp4", crf)
+    return buffer.getvalue()
+
+
+def encode_image(frame: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes (lossless)."""
+    if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {frame.shape} {frame.dtype}")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="image2pipe") as container:
+        stream = container.add_stream("png")
+        stream.pix_fmt, stream.height, stream.width = "rgb24", frame.shape[0], frame.shape[1]
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def _encode(file, frames: np.ndarray, fps: float, kind: str, crf: int) -> None:
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
     height, width = frames.shape[1:3]
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), mode="w") as container:
-        if suffix == ".mp4":
+    with av.open(file, mode="w", format=kind) as container:
+        if kind == "mp4":
             # yuv420p needs even sizes; pad by edge replication rather than fail on odd sizes.
             frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
             stream = container.add_stream("libx264", rate=rate)
-            stream.pix_fmt, stream.options = "yuv420p", {"crf": "12"}
+            stream.pix_fmt, stream.options = "yuv420p", {"crf": str(crf)}
         else:
             stream = container.add_stream("gif", rate=rate)
             stream.pix_fmt = "rgb8"
@@ -41,12 +68,12 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float) -> Path:
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())
-    return path
 
 
-def read_video(path: str | Path) -> tuple[np.ndarray, float]:
-    """Decode every frame: -> ((T, H, W, 3) uint8, fps)."""
-    with av.open(str(path)) as container:
+def read_video(path: str | Path | bytes) -> tuple[np.ndarray, float]:
+    """Decode every frame of a file or of in-memory bytes: -> ((T, H, W, 3) uint8, fps)."""
+    source = io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else str(path)
+    with av.open(source) as container:
         stream = container.streams.video[0]
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
         fps = float(stream.average_rate or stream.guessed_rate or 0)
