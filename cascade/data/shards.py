@@ -84,18 +84,22 @@ class ShardSink:
 
     def write(self, key: str, media: bytes, media_ext: str, caption: str, meta: dict) -> None:
         """media_ext: "mp4" or "png"; meta must hold kind, fps, frames, duration, width, height."""
-        if self._writer is None or self._count == self.samples_per_shard:
-            self._roll()
         sample = {"__key__": key, media_ext: media, "txt": caption.encode("utf-8"),
                   "json": json.dumps(meta).encode("utf-8")}
+        self.write_sample(sample, kind=meta.get("kind", "video"), seconds=float(meta.get("duration", 0.0)))
+
+    def write_sample(self, sample: dict, kind: str = "video", seconds: float = 0.0) -> None:
+        """Write a raw webdataset sample ({"__key__": ..., ext: bytes}) as it is (tests write broken ones)."""
+        if self._writer is None or self._count == self.samples_per_shard:
+            self._roll()
         self._writer.write(sample)
         self._count += 1
         self.manifest.shards[-1]["samples"] = self._count
-        if meta.get("kind") == "image":
+        if kind == "image":
             self.manifest.images += 1
         else:
             self.manifest.videos += 1
-            self.manifest.video_seconds += float(meta.get("duration", 0.0))
+            self.manifest.video_seconds += seconds
 
     def skip(self, source: str, reason: str) -> None:
         self.manifest.skipped.append(dict(source=source, reason=reason))

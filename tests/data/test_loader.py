@@ -1,0 +1,235 @@
+"""The per-stage loader: clips at the stage's fps and size, SR inputs from the same clip, stills, splitting,
+bad data counted and skipped, the error budget, and exact resume across processes with 2 workers."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from cascade.data.clips import BadSample, ClipSpec, decode_frames, downsample, make_example
+from cascade.data.loader import DataBudgetExceeded, LoaderConfig, StageDataset, StageLoader, to_model_input
+from cascade.data.shards import ShardSink
+from cascade.data.video import encode_image, encode_video
+
+SOURCE_FPS = 16
+
+
+def ramp_video(index: int, frames: int = 32, width: int = 48, height: int = 32) -> np.ndarray:
+    """Frame t has value (index * 7 + t * 5) in the red channel: the frame index can be read back from pixels."""
+    video = np.zeros((frames, height, width, 3), dtype=np.uint8)
+    for t in range(frames):
+        video[t, :, :, 0] = (index * 7 + t * 5) % 256
+        video[t, :, :, 1] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
+        video[t, :, :, 2] = np.linspace(0, 255, height, dtype=np.uint8)[:, None]
+    return video
+
+
+def make_dataset(folder, videos=12, images=0, per_shard=4, frames=32):
+    with ShardSink(folder, samples_per_shard=per_shard) as sink:
+        for i in range(videos):
+            meta = dict(kind="video", fps=SOURCE_FPS, frames=frames, duration=frames / SOURCE_FPS, width=48,
+                        height=32, source=f"ramp{i}")
+            sink.write(f"v{i:04d}", encode_video(ramp_video(i, frames), SOURCE_FPS, crf=0), "mp4",
+                       f"caption {i}", meta)
+        for i in range(images):
+            meta = dict(kind="image", fps=0, frames=1, duration=0, width=48, height=32, source=f"still{i}")
+            sink.write(f"i{i:04d}", encode_image(ramp_video(100 + i, 1)[0]), "png", f"still {i}", meta)
+    return folder
+
+
+BASE = ClipSpec(frames=4, width=16, height=16, fps=4)
+TSR = ClipSpec(frames=8, width=16, height=16, fps=8, cond_frames=4, cond_width=16, cond_height=16)
+SSR = ClipSpec(frames=8, width=32, height=32, fps=8, cond_frames=8, cond_width=16, cond_height=16)
+
+
+def test_clip_is_taken_at_the_stage_fps(tmp_path):
+    """A 4 fps clip of a 16 fps source takes every 4th frame: the red channel steps by 4 * 5."""
+    data = encode_video(ramp_video(0), SOURCE_FPS, crf=0)
+    frames = decode_frames(data, 4, 4.0, np.random.default_rng(0), (16, 16))
+    red = frames[:, 0, 0, 0].astype(int)
+    assert np.allclose(np.diff(red), 20, atol=2)
+    with pytest.raises(BadSample, match="too_short"):
+        decode_frames(data, 10, 4.0, np.random.default_rng(0), (16, 16))  # needs 37 source frames
+    with pytest.raises(BadSample, match="fps_too_low"):
+        decode_frames(data, 4, 32.0, np.random.default_rng(0), (16, 16))
+
+
+def test_sr_inputs_come_from_the_same_clip():
+    sample = {"mp4": encode_video(ramp_video(3), SOURCE_FPS, crf=0), "txt": b"a caption", "json": b"{}"}
+    tsr = make_example(sample, TSR, np.random.default_rng(1))
+    assert tsr["video"].shape == (3, 8, 16, 16) and tsr["cond"].shape == (3, 4, 16, 16)
+    assert torch.equal(tsr["cond"], tsr["video"][:, ::2])  # the input stage's fps: every second frame
+    ssr = make_example(sample, SSR, np.random.default_rng(1))
+    assert ssr["video"].shape == (3, 8, 32, 32) and ssr["cond"].shape == (3, 8, 16, 16)
+    expected = ssr["video"].float().unflatten(2, (16, 2)).unflatten(4, (16, 2)).mean(dim=(3, 5))
+    assert (ssr["cond"].float() - expected).abs().max() <= 0.5  # 2x2 area average, rounded
+
+
+def test_random_crops_for_fully_convolutional_stages():
+    spec = ClipSpec(frames=8, width=32, height=32, fps=8, cond_frames=8, cond_width=16, cond_height=16,
+                    crop_width=16, crop_height=16)
+    sample = {"mp4": encode_video(ramp_video(3), SOURCE_FPS, crf=0), "txt": b"x"}
+    example = make_example(sample, spec, np.random.default_rng(5))
+    assert example["video"].shape == (3, 8, 16, 16) and example["cond"].shape == (3, 8, 8, 8)
+    assert torch.equal(example["cond"], downsample(example["video"], 8, 8, 8))
+
+
+def test_batches_shapes_and_device_conversion(tmp_path):
+    folder = make_dataset(tmp_path / "d", videos=6, images=3, per_shard=4)
+    dataset = StageDataset(folder, TSR, LoaderConfig(batch_size=3, seed=0, image_fraction=0.3))
+    batches = [b for _, b in zip(range(4), StageLoader(dataset))]
+    batch = batches[0]
+    assert batch["video"].dtype == torch.uint8 and batch["video"].shape == (3, 3, 8, 16, 16)
+    assert batch["cond"].shape == (3, 3, 4, 16, 16) and batch["fps"].tolist() == [8.0] * 3
+    stills = [k for b in batches for k, image in zip(b["keys"], b["is_image"]) if image]
+    assert stills and all(k.startswith("i") for k in stills)
+    for b in batches:  # a still occupies a video slot with the same frame everywhere
+        for video, image in zip(b["video"], b["is_image"]):
+            if image:
+                assert torch.equal(video, video[:, :1].expand_as(video))
+    model = to_model_input(batch, "cpu")
+    assert model["video"].dtype == torch.float32 and model["video"].min() >= -1 and model["video"].max() <= 1
+
+
+def test_stills_are_dropped_when_the_stage_trains_on_videos_only(tmp_path):
+    folder = make_dataset(tmp_path / "d", videos=4, images=4)
+    dataset = StageDataset(folder, BASE, LoaderConfig(batch_size=2, image_fraction=0.0))
+    keys = [k for _, b in zip(range(6), StageLoader(dataset)) for k in b["keys"]]
+    assert all(k.startswith("v") for k in keys)
+
+
+def test_two_ranks_see_disjoint_samples(tmp_path):
+    folder = make_dataset(tmp_path / "d", videos=16, per_shard=4)
+    seen = []
+    for rank in (0, 1):
+        config = LoaderConfig(batch_size=2, seed=3, rank=rank, world_size=2)
+        loader = StageLoader(StageDataset(folder, BASE, config))
+        seen.append({k for _, b in zip(range(4), loader) for k in b["keys"]})  # 8 samples = one epoch
+    assert len(seen[0]) == 8 and len(seen[1]) == 8 and not seen[0] & seen[1]
+
+
+def write_bad_samples(sink, count, rng):
+    """Mutations of good samples; returns the expected reason of each."""
+    good = encode_video(ramp_video(0), SOURCE_FPS, crf=0)
+    png = encode_image(ramp_video(1, 1)[0])
+    huge = bytearray(png)  # claim a 60000 x 60000 image in the PNG header (CRC fixed): refused before decoding
+    import zlib
+    huge[16:24] = (60000).to_bytes(4, "big") * 2
+    huge[29:33] = zlib.crc32(bytes(huge[12:29])).to_bytes(4, "big")
+    kinds = {
+        "truncated_mp4": lambda: {"mp4": good[: int(rng.integers(10, len(good) // 2))], "txt": b"x"},
+        "random_bytes": lambda: {"mp4": rng.bytes(int(rng.integers(1, 4000))), "txt": b"x"},
+        "wrong_keys": lambda: {"avi": good, "txt": b"x"},
+        "no_caption": lambda: {"mp4": good},
+        "empty_caption": lambda: {"mp4": good, "txt": b"   "},
+        "non_utf8_caption": lambda: {"mp4": good, "txt": b"\xff\xfe\xfa"},
+        "huge_dimensions": lambda: {"png": bytes(huge), "txt": b"x"},
+        "bad_json": lambda: {"mp4": good, "txt": b"x", "json": b"{not json"},
+    }
+    names = list(kinds)
+    chosen = []
+    for i in range(count):
+        name = names[i % len(names)]
+        sink.write_sample({"__key__": f"bad{i:05d}", **kinds[name]()}, kind="image" if name == "huge_dimensions"
+                          else "video")
+        chosen.append(name)
+    return chosen
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_fuzz_1000_mutated_samples_never_raise_and_are_all_counted(tmp_path, workers):
+    folder = tmp_path / "fuzz"
+    rng = np.random.default_rng(0)
+    with ShardSink(folder, samples_per_shard=250) as sink:
+        kinds = write_bad_samples(sink, 1000, rng)
+        good = encode_video(ramp_video(0), SOURCE_FPS, crf=0)
+        for i in range(4):  # a few good samples so batches complete
+            sink.write(f"good{i}", good, "mp4", "fine", dict(kind="video", fps=16, frames=32, duration=2))
+    # image_fraction equal to the share of stills in the shards: every sample is used, none left out.
+    share = kinds.count("huge_dimensions") / (len(kinds) + 4)
+    config = LoaderConfig(batch_size=1, max_bad_fraction=None, epochs=1, image_fraction=share)
+    loader = StageLoader(StageDataset(folder, BASE, config), num_workers=workers)
+    assert sorted(k for b in loader for k in b["keys"]) == [f"good{i}" for i in range(4)]
+    counts = loader.total_bad
+    assert sum(counts.values()) == 1000, counts
+    assert counts["missing_media"] == kinds.count("wrong_keys")
+    assert counts["missing_caption"] == kinds.count("no_caption")
+    assert counts["empty_caption"] == kinds.count("empty_caption")
+    assert counts["caption_not_utf8"] == kinds.count("non_utf8_caption")
+    assert counts["too_large"] == kinds.count("huge_dimensions")
+    assert counts["bad_metadata"] == kinds.count("bad_json")
+    broken = ("undecodable", "too_short", "no_video_stream")
+    assert sum(counts.get(r, 0) for r in broken) == kinds.count("truncated_mp4") + kinds.count("random_bytes")
+
+
+def test_error_budget_stops_loudly(tmp_path):
+    folder = tmp_path / "bad"
+    with ShardSink(folder, samples_per_shard=100) as sink:
+        write_bad_samples(sink, 60, np.random.default_rng(1))
+    dataset = StageDataset(folder, BASE, LoaderConfig(batch_size=1, max_bad_fraction=0.01, window=50))
+    with pytest.raises(DataBudgetExceeded, match=r"of the last 50 samples were bad.*counts by reason"):
+        next(iter(StageLoader(dataset)))
+
+
+def test_truncated_shard_is_counted_and_its_complete_samples_used(tmp_path):
+    folder = make_dataset(tmp_path / "d", videos=8, per_shard=8)
+    shard = folder / "shard-000000.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: int(len(data) * 0.6)])
+    loader = StageLoader(StageDataset(folder, BASE, LoaderConfig(batch_size=1, max_bad_fraction=None, epochs=1)))
+    keys = [k for batch in loader for k in batch["keys"]]
+    assert loader.total_bad.get("truncated_shard") == 1
+    assert 0 < len(keys) < 8
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from cascade.data.clips import ClipSpec
+    from cascade.data.loader import LoaderConfig, StageDataset, StageLoader
+    folder, state_in, state_out, skip, take = sys.argv[1:6]
+    spec = ClipSpec(frames=4, width=16, height=16, fps=4)
+    loader = StageLoader(StageDataset(folder, spec, LoaderConfig(batch_size=2, seed=7)), num_workers=2)
+    if state_in != "-":
+        loader.load_state_dict(json.load(open(state_in)))
+    out = []
+    for batch in loader:
+        out.append(dict(keys=batch["keys"], sum=int(batch["video"].long().sum())))
+        if len(out) == int(skip) and state_out != "-":
+            json.dump(loader.state_dict(), open(state_out, "w"))
+        if len(out) == int(skip) + int(take):
+            break
+    print(json.dumps(out))
+""")
+
+
+def test_resume_in_a_new_process_sees_the_same_batches(tmp_path):
+    """Stop after k batches, restore the position in a new process: the next batches equal an uninterrupted
+    run's, with 2 DataLoader workers (k odd, so the restored loader starts on the second worker's turn)."""
+    folder = make_dataset(tmp_path / "d", videos=10, per_shard=3)  # 4 shards, uneven
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+
+    def run(*args):
+        result = subprocess.run([sys.executable, str(script), str(folder), *args], capture_output=True, text=True,
+                                check=True)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    k, more = 5, 9  # 14 batches of 2 = 28 samples: crosses epochs of 10 samples
+    full = run("-", "-", str(k + more), "0")
+    first = run("-", str(tmp_path / "state.json"), str(k), "0")
+    assert first == full[:k]
+    resumed = run(str(tmp_path / "state.json"), "-", "0", str(more))
+    assert resumed == full[k:]
+
+
+def test_restoring_with_other_worker_count_is_refused(tmp_path):
+    folder = make_dataset(tmp_path / "d", videos=4)
+    loader = StageLoader(StageDataset(folder, BASE, LoaderConfig(batch_size=2)), num_workers=0)
+    next(iter(loader))
+    other = StageLoader(StageDataset(folder, BASE, LoaderConfig(batch_size=2)), num_workers=2)
+    with pytest.raises(ValueError, match="the order would differ"):
+        other.load_state_dict(loader.state_dict())
