@@ -159,16 +159,13 @@ def make_example(sample: dict, spec: ClipSpec, rng: np.random.Generator) -> dict
     frames = crop(frames, spec.width, spec.height, None)
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)  # (3, T, H, W)
     example = dict(caption=caption, is_image=kind == "image")
+    fx, fy = (spec.width // spec.cond_width, spec.height // spec.cond_height) if spec.has_cond else (1, 1)
+    if spec.crop_width is not None:  # aligned to the input stage's pixels, so cond covers the same region
+        top = int(rng.integers(0, (spec.height - spec.crop_height) // fy + 1)) * fy
+        left = int(rng.integers(0, (spec.width - spec.crop_width) // fx + 1)) * fx
+        video = video[:, :, top:top + spec.crop_height, left:left + spec.crop_width]
     if spec.has_cond:
-        if spec.crop_width is not None:  # crop aligned to the downsampling factor so cond covers the same region
-            fx, fy = spec.width // spec.cond_width, spec.height // spec.cond_height
-            top = int(rng.integers(0, (spec.height - spec.crop_height) // fy + 1)) * fy
-            left = int(rng.integers(0, (spec.width - spec.crop_width) // fx + 1)) * fx
-            video = video[:, :, top:top + spec.crop_height, left:left + spec.crop_width]
-            cond_size = (spec.crop_height // fy, spec.crop_width // fx)
-        else:
-            cond_size = (spec.cond_height, spec.cond_width)
-        example["cond"] = downsample(video, spec.cond_frames, *cond_size)
+        example["cond"] = downsample(video, spec.cond_frames, video.shape[2] // fy, video.shape[3] // fx)
     example["video"] = video.contiguous()
     return example
 

@@ -1,13 +1,28 @@
-"""The frozen T5 text encoder (Imagen: T5-XXL), loaded with `transformers` from a local folder or hub id."""
+"""The frozen T5 text encoder (Imagen: T5-XXL), loaded with `transformers` from a local folder or hub id, and a
+tiny randomly initialised T5 in the same folder layout for tests and the demo."""
 
 from __future__ import annotations
 
+import io
+import itertools
+import tempfile
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# What the tiny T5's tokenizer is trained on when no captions are given: the synthetic dataset's kind of caption.
+_COLORS = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange"]
+_SHAPES = ["circle", "square", "triangle", "star"]
+_MOTIONS = ["moving left", "moving right", "moving up", "moving down", "bouncing", "spinning", "growing", "shrinking"]
+_BACKGROUNDS = ["black", "gray", "white", "dark blue"]
+BUILTIN_CAPTIONS = [f"a {c} {s} {m} on a {b} background"
+                    for c, s, m, b in itertools.product(_COLORS, _SHAPES, _MOTIONS, _BACKGROUNDS)]
 
 
 class FrozenT5(nn.Module):
@@ -34,6 +49,12 @@ class FrozenT5(nn.Module):
     def dim(self) -> int:
         return self.encoder.config.d_model
 
+    def lengths(self, captions: list[str]) -> Tensor:
+        """-> (B,) int64: real tokens of each caption (end of sequence included) after truncation to max_tokens,
+        i.e. `encode(captions)[1].sum(1)` without running the encoder."""
+        batch = self.tokenizer(list(captions), max_length=self.max_tokens, truncation=True)
+        return torch.tensor([len(ids) for ids in batch["input_ids"]], dtype=torch.int64)
+
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """-> embeddings (B, L, dim) float32 and mask (B, L) bool (True = real token), L = max_tokens."""
@@ -44,15 +65,64 @@ class FrozenT5(nn.Module):
         return hidden.float() * mask[..., None], mask
 
 
-def build_tiny_t5(folder: str | Path, dim: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
-    """A randomly initialised tiny T5 encoder saved in the same layout as a real checkpoint, with the
-    byte-level ByT5 tokenizer (needs no vocabulary file), so tests and the demo use the real loading path."""
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+def train_sentencepiece(captions: Iterable[str], vocab_size: int = 256, seed: int = 0) -> bytes:
+    """A unigram sentencepiece model with T5's conventions (pad 0, eos 1, unk 2, no bos, NFKC normalisation),
+    trained single-threaded on `captions` in order: the same captions and seed give the same bytes.
 
+    The trainer's own seed pieces come from maximal repeats, which in templated captions ("a red circle moving
+    left on a ...") cross word boundaries and are dropped, leaving a ~50-piece character-level vocabulary; we seed
+    it with every in-word substring instead (scored frequency x length, as sentencepiece does), so whole words
+    become pieces as they would in a real T5 vocabulary."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2  # needs protobuf, as transformers' spiece conversion does
+
+    captions = list(captions)
+    words = Counter(w for c in captions for w in unicodedata.normalize("NFKC", c).split())
+    pieces = Counter()
+    for word, count in words.items():
+        word = "\u2581" + word
+        for i in range(len(word)):
+            for j in range(i + 2, min(len(word), i + 16) + 1):
+                pieces[word[i:j]] += count
+    model = io.BytesIO()
+    with tempfile.TemporaryDirectory() as tmp:
+        seeds = Path(tmp) / "seeds.tsv"
+        seeds.write_text("".join(f"{p}\t{n * len(p)}\n" for p, n in sorted(pieces.items(), key=lambda x: x[0])),
+                         encoding="utf-8")
+        spm.set_random_generator_seed(seed)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(captions), model_writer=model, model_type="unigram", vocab_size=vocab_size,
+            hard_vocab_limit=False,  # a small caption set may support fewer pieces: take what it supports
+            seed_sentencepieces_file=str(seeds), pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+            normalization_rule_name="nmt_nfkc", num_threads=1, minloglevel=2)
+    # the model records its training options; drop the temporary seed file's path so the bytes are reproducible
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
+    proto.trainer_spec.ClearField("seed_sentencepieces_file")
+    return proto.SerializeToString(deterministic=True)
+
+
+def build_tiny_t5(folder: str | Path, captions: Iterable[str] | None = None, dim: int = 64, layers: int = 2,
+                  heads: int = 4, vocab_size: int = 256, seed: int = 0) -> Path:
+    """A randomly initialised tiny T5 (v1.1 layout: gated-GELU) whose sentencepiece tokenizer is trained on
+    `captions` (default: a built-in list of synthetic-style captions), saved like a real checkpoint: config.json,
+    model.safetensors, spiece.model, tokenizer.json, tokenizer_config.json. `FrozenT5.from_pretrained` and
+    `AutoTokenizer` load it offline as the real `T5Tokenizer`. vocab_size bounds the sentencepiece pieces; the
+    model's embedding table also holds T5's 100 sentinel ids."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    if dim % heads:
+        raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+    captions = BUILTIN_CAPTIONS if captions is None else [str(c) for c in captions]
+    if not captions:
+        raise ValueError("no captions to train the tokenizer on")
     folder = Path(folder)
-    tokenizer = ByT5Tokenizer()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(train_sentencepiece(captions, vocab_size, seed))
+    # from_pretrained converts spiece.model; `T5Tokenizer(vocab_file=...)` would silently keep a 104-token vocab
+    tokenizer = T5Tokenizer.from_pretrained(str(folder), model_max_length=512)
     config = T5Config(vocab_size=len(tokenizer), d_model=dim, d_kv=dim // heads, d_ff=2 * dim, num_layers=layers,
-                      num_heads=heads)
+                      num_heads=heads, feed_forward_proj="gated-gelu", pad_token_id=0,
+                      eos_token_id=1, decoder_start_token_id=0)
     torch.manual_seed(seed)
     T5EncoderModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

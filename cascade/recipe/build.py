@@ -67,3 +67,32 @@ def build_stage_spec(stage: Stage, net, guidance_distilled: bool = False):
         dynamic_threshold=g.dynamic_threshold, augmentation=build_augmentation(stage),
         guidance_distilled=guidance_distilled,
     )
+
+
+def dataset_folder(recipe: Recipe) -> str:
+    """The folder of shards (with manifest.json) every stage reads."""
+    return recipe.data.shards if recipe.data.kind == "shards" else recipe.data.root
+
+
+def clip_spec(stage: Stage, recipe: Recipe):
+    """What the loader cuts for a stage: its clip, and for super-resolution its input stage's view of the clip."""
+    from cascade.data.clips import ClipSpec
+
+    source = recipe.stage(stage.input) if stage.input else None
+    crop = stage.train.crop
+    return ClipSpec(frames=stage.frames, width=stage.width, height=stage.height, fps=stage.fps,
+                    cond_frames=source.frames if source else None, cond_width=source.width if source else None,
+                    cond_height=source.height if source else None,
+                    crop_width=crop.width if crop else None, crop_height=crop.height if crop else None)
+
+
+def build_stage_loader(stage: Stage, recipe: Recipe, rank: int = 0, world_size: int = 1, text_source=None,
+                       epochs: int | None = None):
+    """The stage's resumable loader over the recipe's dataset."""
+    from cascade.data.loader import LoaderConfig, StageDataset, StageLoader
+
+    config = LoaderConfig(batch_size=stage.train.batch_size, seed=stage.train.seed,
+                          image_fraction=stage.train.image_fraction, max_bad_fraction=recipe.data.max_bad_fraction,
+                          window=recipe.data.bad_window, rank=rank, world_size=world_size, epochs=epochs)
+    dataset = StageDataset(dataset_folder(recipe), clip_spec(stage, recipe), config, text_source=text_source)
+    return StageLoader(dataset, num_workers=recipe.data.num_workers)

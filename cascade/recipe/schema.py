@@ -279,17 +279,23 @@ class Stage(Strict):
 
 class Data(Strict):
     kind: Literal["synthetic", "shards"] = "synthetic"
-    """synthetic: the built-in generated dataset; shards: webdataset shards at `shards`."""
+    """synthetic: the built-in generated dataset, written to `root`; shards: a dataset folder at `shards`."""
     shards: str | None = None
-    """Shard path, glob or brace pattern (e.g. data/webvid/shard-{000000..000999}.tar)."""
+    """Folder of webdataset shards with its manifest.json (built by `cascade data videos|images|synth`)."""
     root: str = "data/synthetic"
     """Where the synthetic dataset is written."""
     count: PositiveInt = 1000
     """Synthetic videos to generate."""
+    images: NonNegativeInt = 0
+    """Synthetic still images to generate as well (joint image-video training)."""
     seed: int = 0
     num_workers: NonNegativeInt = 4
+    """DataLoader worker processes per rank."""
     embeddings: str | None = None
-    """T5 embedding cache beside the shards; None: the default location."""
+    """T5 embedding cache folder; None: DATASET/embeddings. Without a cache captions are encoded on the fly."""
+    max_bad_fraction: Probability | None = 0.01
+    """Stop the run when more than this share of the last `bad_window` samples were bad; None: never."""
+    bad_window: PositiveInt = 1000
 
     @model_validator(mode="after")
     def _shards_given(self) -> Data:
