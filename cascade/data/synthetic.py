@@ -58,7 +58,7 @@ HELD_OUT: tuple[tuple[str, str, str, str], ...] = (
     ("magenta", "square", "right", "gray"),
 )
 ALL_COMBOS: tuple[tuple[str, str, str, str], ...] = tuple(itertools.product(COLORS, SHAPES, DIRECTIONS, BACKGROUNDS))
-TRAIN_COMBOS: tuple[tuple[str, str, str, str], ...] = tuple(c for c in ALL_COMBOS if c not in set(HELD_OUT))
+TRAIN_COMBOS: tuple[tuple[str, str, str, str], ...] = tuple(c for c in ALL_COMBOS if c not in HELD_OUT)
 SPLITS = ("train", "heldout")
 
 SIZE_RANGE = (0.25, 0.4)  # the shape's extent, as a fraction of the frame's shorter side
@@ -256,7 +256,6 @@ def write_synthetic(out: str | Path, count: int, seed: int, images: int = 0, spl
                 sink.write(key, encode_image(render_image(scene, width, height)), "png", scene.image_caption, meta)
             bar.update()
     return sink.manifest
-
 
 
 def _check(count, images, seed, split, width, height, fps, seconds, samples_per_shard) -> None:
