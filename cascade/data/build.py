@@ -74,7 +74,8 @@ class Row:
     path: str | None
     subdir: str | None
     line: int
-    problem: str | None = None  # BAD_ROW or MISSING_ID, with the detail in `caption`
+    problem: str = ""  # BAD_ROW when the row cannot be read, with `detail`
+    detail: str = ""
 
 
 def _pick(columns, choices: tuple[str, ...], path: Path, what: str) -> str:
@@ -116,7 +117,12 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[Row]:
     file = _open_text(path)
     try:
         reader = csv.DictReader(file, delimiter=delimiter)
-        columns = reader.fieldnames or []
+        try:
+            columns = reader.fieldnames
+        except csv.Error as error:
+            raise BuildError(f"{path}: unreadable header ({error})") from None
+        if columns is None:
+            raise BuildError(f"{path}: empty caption table")
         id_column = _pick(columns, ID_COLUMNS, path, "id")
         caption_column = _pick(columns, CAPTION_COLUMNS, path, "caption")
     except BaseException:
@@ -125,10 +131,18 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[Row]:
 
     def rows() -> Iterator[Row]:
         with file:
-            for record in reader:
-                line = reader.line_num
+            while True:
+                try:
+                    record = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as error:  # e.g. a field over csv.field_size_limit(): skip the row, go on
+                    # line_num still counts the lines before the bad row
+                    yield Row("", None, None, None, reader.line_num + 1, BAD_ROW, f"not CSV ({error})")
+                    continue
                 yield Row(id=_text(record.get(id_column)) or "", caption=record.get(caption_column),
-                          path=_text(record.get(PATH_COLUMN)), subdir=_text(record.get(SUBDIR_COLUMN)), line=line)
+                          path=_text(record.get(PATH_COLUMN)), subdir=_text(record.get(SUBDIR_COLUMN)),
+                          line=reader.line_num)
     return rows()
 
 
@@ -157,10 +171,10 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
                 try:
                     record = json.loads(text)
                 except json.JSONDecodeError as error:
-                    yield Row("", f"line {number}: not JSON ({error.msg})", None, None, number, BAD_ROW)
+                    yield Row("", None, None, None, number, BAD_ROW, f"not JSON ({error.msg})")
                     continue
                 if not isinstance(record, dict):
-                    yield Row("", f"line {number}: not a JSON object", None, None, number, BAD_ROW)
+                    yield Row("", None, None, None, number, BAD_ROW, "not a JSON object")
                     continue
                 yield Row(id=_text(record.get(id_column)) or "", caption=record.get(caption_column),
                           path=_text(record.get(PATH_COLUMN)), subdir=_text(record.get(SUBDIR_COLUMN)),
@@ -168,14 +182,17 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
     return rows()
 
 
-def count_rows(path: str | Path) -> int:
-    """Rows of a caption table (one cheap pass; for the progress bar)."""
+def count_rows(path: str | Path) -> int | None:
+    """Rows of a caption table (one cheap pass, for the progress bar); None when the CSV does not parse."""
     path = Path(path)
     with _open_text(path) as file:
-        if path.suffix.lower() in (".csv", ".tsv"):
-            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            return max(0, sum(1 for record in csv.reader(file, delimiter=delimiter) if record) - 1)
-        return sum(1 for text in file if text.strip())
+        if path.suffix.lower() not in (".csv", ".tsv"):
+            return sum(1 for text in file if text.strip())
+        try:
+            records = csv.reader(file, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            return max(0, sum(1 for record in records if record) - 1)
+        except csv.Error:
+            return None
 
 
 def clean_caption(value: object) -> tuple[str, str | None, str]:
@@ -262,7 +279,7 @@ def _detail(error: BaseException) -> str:
 def convert_video(path: str, max_size: int = 512, crf: int = VIDEO_CRF, threads: int = 0) -> Converted | Skipped:
     """Decode a video frame by frame, resize to `fit_size(..., even=True)` and encode H.264 mp4 at the source rate.
 
-    Memory holds one decoded frame and the encoded output. threads: codec threads (0: FFmpeg's choice).
+    Memory holds a few decoded frames and the encoded output. threads: codec threads (0: FFmpeg's choice).
     """
     try:
         container = av.open(path)
@@ -293,7 +310,7 @@ def convert_video(path: str, max_size: int = 512, crf: int = VIDEO_CRF, threads:
                     encoder.pix_fmt, encoder.width, encoder.height = "yuv420p", width, height
                     encoder.options = {"crf": str(crf)}
                     encoder.codec_context.thread_count = threads
-                image = frame.reformat(width, height, format="rgb24", interpolation="AREA")
+                image = frame.reformat(width, height, format="rgb24", interpolation="BICUBIC")
                 image.pts, image.time_base = frames, 1 / rate
                 target.mux(encoder.encode(image))
                 frames += 1
@@ -331,7 +348,7 @@ def convert_image(path: str, max_size: int = 512, threads: int = 0) -> Converted
             if frame is None:
                 return Skipped(UNDECODABLE, "the image decodes to no frame")
             width, height = fit_size(frame.width, frame.height, max_size)
-            image = frame.reformat(width, height, format="rgb24", interpolation="AREA")
+            image = frame.reformat(width, height, format="rgb24", interpolation="BICUBIC")
             media = _encode_png(image)
     except FileNotFoundError as error:
         return Skipped(MISSING_FILE, _detail(error))
@@ -369,7 +386,7 @@ def _tasks(rows: Iterator[Row], folder: Path, captions: Path, suffixes: tuple[st
     for row in rows:
         where = f"{captions}:{row.line}"
         if row.problem:
-            yield _Task(row, where, "", skip=Skipped(row.problem, str(row.caption)))
+            yield _Task(row, where, "", skip=Skipped(row.problem, row.detail))
             continue
         if not row.id:
             yield _Task(row, where, "", skip=Skipped(MISSING_ID, "the id cell is empty or absent"))
@@ -492,6 +509,9 @@ def _command(build, media: Path, args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(summary(manifest, args.out))
+    if not manifest.samples:
+        print(f"warning: {args.out}: every row was skipped; see skipped_by_reason in its manifest.json",
+              file=sys.stderr)
     return 0
 
 
