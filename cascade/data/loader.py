@@ -192,7 +192,7 @@ class StageDataset(IterableDataset):
                 if example is None:
                     continue  # a still or a video left out to reach image_fraction; not bad data
                 if encode is not None:
-                    example["text"], example["text_mask"] = encode([example["caption"]])
+                    example["text"], example["text_mask"] = self._encode(encode, example["caption"])
             except BadSample as bad:
                 counts[bad.reason] += 1
                 recent.append(True)
@@ -211,6 +211,15 @@ class StageDataset(IterableDataset):
         if rng.random() >= (self._keep_image if is_image else self._keep_video):
             return None
         return make_example(stream.read(shard, members), self.spec, rng)
+
+    @staticmethod
+    def _encode(encode, caption: str):
+        from cascade.data.embed import CacheEntryError
+
+        try:
+            return encode([caption])
+        except CacheEntryError as error:  # a wrong-size cached embedding is one bad sample, not a dead run
+            raise BadSample("bad_embedding", str(error)) from None
 
     def _check_budget(self, recent: deque, counts: Counter) -> None:
         limit = self.config.max_bad_fraction

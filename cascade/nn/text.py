@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 import tempfile
 import unicodedata
 from collections import Counter
@@ -35,12 +36,19 @@ class FrozenT5(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, max_tokens: int, dtype: str = "float32",
                         device: str | torch.device = "cpu") -> FrozenT5:
-        """`path` is a folder in the `save_pretrained` layout or a hub id; a folder is read offline."""
+        """`path` is a folder in the `save_pretrained` layout or a hub id; a folder, or a hub id already in the
+        local hub cache, is read offline."""
+        from huggingface_hub import try_to_load_from_cache
         from transformers import AutoTokenizer, T5EncoderModel
 
-        local = Path(path).is_dir()
-        if not local and (str(path).startswith((".", "/")) or Path(path).suffix):
+        folder = Path(path).is_dir()
+        hub_id = re.fullmatch(r"[\w-]+(/[\w.-]+)?", str(path)) and not Path(path).suffix
+        if not folder and not hub_id:
             raise FileNotFoundError(f"text encoder folder {path} does not exist")
+        if folder and not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"text encoder folder {path} has no config.json (expected the layout "
+                                    f"`save_pretrained` writes)")
+        local = folder or isinstance(try_to_load_from_cache(str(path), "config.json"), str)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=local)
         encoder = T5EncoderModel.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=local)
         return cls(tokenizer, encoder.to(device), max_tokens)
@@ -117,9 +125,12 @@ def build_tiny_t5(folder: str | Path, captions: Iterable[str] | None = None, dim
         raise ValueError("no captions to train the tokenizer on")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spiece.model").write_bytes(train_sentencepiece(captions, vocab_size, seed))
-    # from_pretrained converts spiece.model; `T5Tokenizer(vocab_file=...)` would silently keep a 104-token vocab
-    tokenizer = T5Tokenizer.from_pretrained(str(folder), model_max_length=512)
+    model = train_sentencepiece(captions, vocab_size, seed)
+    with tempfile.TemporaryDirectory() as tmp:  # alone, so a tokenizer.json left in `folder` cannot shadow it
+        (Path(tmp) / "spiece.model").write_bytes(model)
+        # from_pretrained converts spiece.model; `T5Tokenizer(vocab_file=...)` would silently keep a 104-token vocab
+        tokenizer = T5Tokenizer.from_pretrained(tmp, model_max_length=512)
+    (folder / "spiece.model").write_bytes(model)
     config = T5Config(vocab_size=len(tokenizer), d_model=dim, d_kv=dim // heads, d_ff=2 * dim, num_layers=layers,
                       num_heads=heads, feed_forward_proj="gated-gelu", pad_token_id=0,
                       eos_token_id=1, decoder_start_token_id=0)

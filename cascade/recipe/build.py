@@ -86,9 +86,23 @@ def clip_spec(stage: Stage, recipe: Recipe):
                     crop_width=crop.width if crop else None, crop_height=crop.height if crop else None)
 
 
+def build_text_source(recipe: Recipe):
+    """Caption embeddings: the dataset's T5 cache (data.embeddings, default DATASET/embeddings) when built,
+    otherwise the recipe's encoder on the fly. A picklable factory, called once per DataLoader worker."""
+    import functools
+    from pathlib import Path
+
+    from cascade.data.embed import TextSource, encoder_factory
+
+    te = recipe.text_encoder
+    cache = recipe.data.embeddings or str(Path(dataset_folder(recipe)) / "embeddings")
+    return functools.partial(TextSource, cache, encoder_factory(te.path, te.max_tokens, te.dtype), te.max_tokens)
+
+
 def build_stage_loader(stage: Stage, recipe: Recipe, rank: int = 0, world_size: int = 1, text_source=None,
                        epochs: int | None = None):
-    """The stage's resumable loader over the recipe's dataset."""
+    """The stage's resumable loader over the recipe's dataset. `text_source=None` leaves captions as text;
+    pass `build_text_source(recipe)` for T5 embeddings in every batch."""
     from cascade.data.loader import LoaderConfig, StageDataset, StageLoader
 
     config = LoaderConfig(batch_size=stage.train.batch_size, seed=stage.train.seed,

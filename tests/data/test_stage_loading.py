@@ -41,3 +41,69 @@ def test_base_stage_mixes_stills(recipe):
     assert stills > 0
     videos_only = [b for _, b in zip(range(3), build_stage_loader(recipe.stage("tsr1"), recipe))]
     assert not any(b["is_image"].any() for b in videos_only)
+
+
+@pytest.fixture(scope="module")
+def with_text(recipe, tmp_path_factory):
+    """The tiny T5 trained on the dataset's captions, and the dataset's embedding cache, through the CLI."""
+    from cascade.cli import main
+
+    folder = Path(recipe.data.root)
+    t5 = tmp_path_factory.mktemp("t5") / "t5"
+    assert main(["data", "tiny-t5", "--shards", str(folder), "--out", str(t5)]) == 0
+    assert main(["data", "embed", "--shards", str(folder), "--encoder", str(t5), "--max-tokens",
+                 str(recipe.text_encoder.max_tokens)]) == 0
+    return load_recipe(TINY, [f"data.root={folder}", "data.num_workers=0", f"text_encoder.path={t5}"])
+
+
+def first_epoch(recipe, name, **overrides):
+    from cascade.recipe.build import build_text_source
+
+    loader = build_stage_loader(recipe.stage(name), recipe, text_source=build_text_source(recipe), epochs=1)
+    return list(loader), loader
+
+
+def test_batches_carry_cached_embeddings_equal_to_on_the_fly(with_text, tmp_path):
+    cached, _ = first_epoch(with_text, "base")
+    assert cached[0]["text"].shape[:2] == cached[0]["text_mask"].shape
+    elsewhere = load_recipe(TINY, [f"data.root={with_text.data.root}", "data.num_workers=0",
+                                   f"text_encoder.path={with_text.text_encoder.path}",
+                                   f"data.embeddings={tmp_path / 'no-cache'}"])
+    with pytest.warns(UserWarning, match="cache"):
+        fresh, _ = first_epoch(elsewhere, "base")
+    assert [b["keys"] for b in cached] == [b["keys"] for b in fresh]
+    for a, b in zip(cached, fresh):
+        assert torch.equal(a["text"], b["text"]) and torch.equal(a["text_mask"], b["text_mask"])
+
+
+def test_a_wrong_size_cached_embedding_is_one_bad_sample(with_text, tmp_path):
+    import json
+    import shutil
+    import tarfile
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from cascade.data.shards import caption_key
+
+    captions = []
+    for shard in json.loads((Path(with_text.data.root) / "manifest.json").read_text())["shards"]:
+        with tarfile.open(Path(with_text.data.root) / shard["path"]) as tar:
+            captions += [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
+    video_captions = [c for c in captions if "moving" in c]
+    cache = tmp_path / "cache"
+    shutil.copytree(Path(with_text.data.root) / "embeddings", cache)
+    part = next(cache.glob("part-*.safetensors"))
+    with safe_open(part, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    keys = [bytes(k.tolist()).hex() for k in tensors["keys"]]
+    entry = keys.index(caption_key(video_captions[0]))
+    tensors["lengths"][entry] = with_text.text_encoder.max_tokens + 1  # a length the encoder cannot produce
+    save_file(tensors, part, metadata=meta)
+    videos_with_it = video_captions.count(video_captions[0])
+    recipe = load_recipe(TINY, [f"data.root={with_text.data.root}", "data.num_workers=0",
+                                f"text_encoder.path={with_text.text_encoder.path}", f"data.embeddings={cache}",
+                                "stages.tsr1.train.batch_size=1"])
+    batches, loader = first_epoch(recipe, "tsr1")  # tsr1 uses videos only
+    assert videos_with_it >= 1 and loader.total_bad.get("bad_embedding", 0) == videos_with_it
+    assert len(batches) == len(video_captions) - videos_with_it
