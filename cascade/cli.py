@@ -175,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parsers(sub)
 
+    p = sub.add_parser("train", help="train one stage (rerun the same command to resume)")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.base.train.max_steps=100")
+    p.add_argument("--stage", required=True, help="the stage to train")
+    p.set_defaults(func=_lazy("cascade.lit.train", "train_command"))
+
+    p = sub.add_parser("export", help="EMA weights of a training checkpoint as safetensors (for cascade sample)")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="STAGE.safetensors")
+    p.set_defaults(func=_lazy("cascade.lit.train", "export_command"))
+
     p = sub.add_parser("demo", help="the built-in demo: validate the shipped recipes, then sample a video "
                        "from a randomly initialised tiny cascade")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -184,7 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow options (cascade train R --stage base stages.base.train.lr=1e-4).
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except RecipeError as error:

@@ -195,6 +195,10 @@ class Train(Strict):
     crop: Size | None = None
     """Train on random crops of this size (fully convolutional super-resolution stages); sample at full size."""
     seed: int = 0
+    max_nonfinite: PositiveInt = 20
+    """A step with a non-finite loss is skipped and counted; this many in a row stop the run."""
+    deterministic: bool = False
+    """Deterministic algorithms (bitwise-reproducible resume on CPU; slower on GPU)."""
 
 
 class GuidanceDistill(Strict):
@@ -241,8 +245,11 @@ class Distill(Strict):
 
 
 class Launch(Strict):
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where a local run trains; SLURM runs use the GPUs they are given."""
     nodes: PositiveInt = 1
     gpus_per_node: PositiveInt = 8
+    """Devices (processes) per node: GPUs, or CPU processes with accelerator cpu."""
     cpus_per_task: PositiveInt = 8
     time: str = "48:00:00"
     """SLURM time limit, [D-]HH:MM:SS."""
@@ -316,6 +323,25 @@ class Eval(Strict):
     """Frames per video fed to I3D for FVD."""
 
 
+class Wandb(Strict):
+    project: str
+    entity: str | None = None
+    mode: Literal["offline", "online"] = "offline"
+    """offline unless the machine is set up for wandb (`wandb login`)."""
+
+
+class Logging(Strict):
+    every_n_steps: PositiveInt = 10
+    """Scalars (loss, loss per log-SNR bucket, learning rate, gradient norm, videos/s) every N steps."""
+    sample_every: PositiveInt | None = 1000
+    """Sample videos from the EMA model every N steps (mp4 in the run folder, and wandb); None: never."""
+    sample_steps: PositiveInt = 16
+    """Sampler steps for those periodic samples."""
+    sample_count: PositiveInt = 2
+    wandb: Wandb | None = None
+    """wandb logging; CSV logs are always written."""
+
+
 class Cluster(Strict):
     partition: str | None = None
     account: str | None = None
@@ -335,6 +361,7 @@ class Recipe(Strict):
     """The cascade in sampling order: a base stage, then super-resolution stages."""
     data: Data = Data()
     eval: Eval = Eval()
+    logging: Logging = Logging()
     cluster: Cluster = Cluster()
 
     def stage(self, name: str) -> Stage:

@@ -1,0 +1,1 @@
+"""Lightning glue: the module that trains one stage, its data module, callbacks, and the train command."""

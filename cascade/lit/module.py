@@ -1,0 +1,194 @@
+"""The LightningModule that trains one stage: it owns the network, its EMA copy and the loss.
+
+Every random draw of a step (noise level, noise, caption dropout, augmentation level) comes from a generator seeded
+by (seed, rank, micro-batch count); that count and the global RNG state (dropout) are saved in the checkpoint, so a
+resumed run repeats an uninterrupted one bit for bit (on CPU, with deterministic algorithms) on any device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from cascade.data.loader import to_model_input
+from cascade.diffusion import Denoiser, NoiseAugmentation, diffusion_loss, drop_captions, sample_logsnr_train
+
+BUCKETS = 4  # loss logged per quarter of t (log-SNR from clean to pure noise)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def lr_lambda(kind: str, warmup_steps: int, max_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at an optimizer step: linear warm-up, then constant, cosine or linear
+    decay to `min_ratio` at `max_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+        return min_ratio + (1.0 - min_ratio) * decay
+    return factor
+
+
+class StageModule(L.LightningModule):
+    def __init__(self, net: nn.Module, *, schedule: Callable[[Tensor], Tensor], parameterization: str = "v",
+                 weighting: str = "snr+1", augmentation: NoiseAugmentation | None = None,
+                 text_drop_prob: float = 0.1, lr: float = 1e-4, optimizer: str = "adamw",
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, eps: float = 1e-8,
+                 lr_schedule: str = "constant", warmup_steps: int = 0, min_lr_ratio: float = 0.0,
+                 max_steps: int = 1000, ema_decay: float = 0.9999, seed: int = 0, max_nonfinite: int = 20,
+                 journal: str | Path | None = None, recipe_json: str = "{}") -> None:
+        super().__init__()
+        self.net = net
+        self.denoiser = Denoiser(net, parameterization)
+        self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+        self.schedule, self.weighting, self.augmentation = schedule, weighting, augmentation
+        self.text_drop_prob = text_drop_prob
+        self.optim = dict(name=optimizer, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+        self.lr_factor = lr_lambda(lr_schedule, warmup_steps, max_steps, min_lr_ratio)
+        self.seed, self.max_nonfinite = seed, max_nonfinite
+        self.journal = None if journal is None else Path(journal)
+        self.recipe_json = recipe_json
+        self.generator: torch.Generator | None = None
+        self.micro_steps = 0
+        self.nonfinite_total = self.nonfinite_in_a_row = 0
+        self._skipped = False
+        self._pending_rng: dict | None = None
+        self._step_start: float | None = None
+
+    # --- randomness -------------------------------------------------------------------------------------------
+    def _step_generator(self) -> torch.Generator:
+        """A generator for this micro-batch, seeded by (seed, rank, micro-batch count): different noise on every
+        rank, the same noise for the same step after a resume."""
+        if self.generator is None or self.generator.device != self.device:
+            self.generator = torch.Generator(device=self.device)
+        seed = np.random.SeedSequence([self.seed, self.global_rank, self.micro_steps]).generate_state(1)[0]
+        self.micro_steps += 1
+        return self.generator.manual_seed(int(seed))
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._pending_rng is not None:  # restore where the interrupted run was, after every start-up draw
+            torch.set_rng_state(self._pending_rng["torch"])
+            if torch.cuda.is_available() and self._pending_rng.get("cuda") is not None:
+                torch.cuda.set_rng_state(self._pending_rng["cuda"])
+            self._pending_rng = None
+        self._step_start = time.perf_counter()
+
+    # --- the step -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "consumed"):
+            datamodule.consumed(batch)
+        inputs = to_model_input(batch, self.device)
+        x = inputs["video"]  # (B, 3, T, H, W) in [-1, 1]
+        g = self._step_generator()
+        logsnr = sample_logsnr_train(x.shape[0], self.schedule, generator=g, device=self.device).float()
+        noise = torch.randn(x.shape, generator=g, device=self.device, dtype=x.dtype)
+        cond = dict(text=inputs["text"], text_mask=drop_captions(inputs["text_mask"], self.text_drop_prob, g),
+                    fps=inputs["fps"], is_image=inputs["is_image"])
+        if "cond" in inputs:  # super-resolution: the low-resolution input, noised at a random level
+            low = inputs["cond"]
+            if self.augmentation is not None:
+                low, aug_logsnr = self.augmentation.train(low, generator=g)
+            else:
+                aug_logsnr = torch.full((x.shape[0],), 20.0, device=self.device)
+            cond.update(cond=low, aug_logsnr=aug_logsnr)
+        per_sample = diffusion_loss(self.denoiser, x, logsnr, noise, self.weighting, **cond)  # (B,)
+        loss = per_sample.mean()
+        finite = torch.isfinite(loss).float()
+        if self.trainer.world_size > 1:  # every rank skips together, or DDP would hang
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        if finite.item() < 1:
+            return self._skip_step(batch)
+        self.nonfinite_in_a_row = 0
+        self._skipped = False
+        self._log_step(loss, per_sample, logsnr, batch)
+        return loss
+
+    def _skip_step(self, batch: dict) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_in_a_row += 1
+        self._skipped = True
+        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+        print(f"warning: non-finite loss at step {self.global_step} (batch {batch.get('keys')}); step skipped "
+              f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in all)", flush=True)
+        if self.nonfinite_in_a_row >= self.max_nonfinite:
+            raise NonFiniteLossError(f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss (limit "
+                                     f"train.max_nonfinite={self.max_nonfinite}): lower the learning rate, check "
+                                     f"the data, or resume from an earlier checkpoint")
+        return None
+
+    def _log_step(self, loss: Tensor, per_sample: Tensor, logsnr: Tensor, batch: dict) -> None:
+        self.log("train/loss", loss, prog_bar=True)
+        t = self.schedule.t(logsnr.double()).float() if hasattr(self.schedule, "t") else None
+        if t is not None:  # loss per log-SNR bucket (quarters of t: 0 = clean end)
+            bucket = (t * BUCKETS).clamp(max=BUCKETS - 1).long()
+            for b in range(BUCKETS):
+                chosen = bucket == b
+                if chosen.any():
+                    self.log(f"train/loss_t{b / BUCKETS:.2f}-{(b + 1) / BUCKETS:.2f}", per_sample[chosen].mean(),
+                             batch_size=int(chosen.sum()))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("global_step", float(self.global_step))
+        if self.journal is not None:  # one line per micro-batch and rank: what was trained on, and the loss
+            seconds = time.perf_counter() - self._step_start if self._step_start else float("nan")
+            videos = len(batch["keys"])
+            record = dict(step=self.global_step, micro=self.micro_steps - 1, rank=self.global_rank,
+                          loss=loss.item(), loss_hex=loss.item().hex(), keys=batch["keys"],
+                          videos_per_second=videos * self.trainer.world_size / seconds if seconds else None)
+            journal = self.journal if self.global_rank == 0 else self.journal.with_suffix(f".rank{self.global_rank}.jsonl")
+            with open(journal, "a") as file:
+                file.write(json.dumps(record) + "\n")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        from lightning.pytorch.utilities import grad_norm
+
+        if not self._skipped:
+            norms = grad_norm(self.net, norm_type=2)
+            if "grad_2.0_norm_total" in norms:
+                self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if not self._skipped:
+            self.ema.update_parameters(self.net)
+
+    def configure_optimizers(self):
+        o = self.optim
+        kind = torch.optim.AdamW if o["name"] == "adamw" else torch.optim.Adam
+        optimizer = kind(self.net.parameters(), lr=o["lr"], betas=o["betas"], weight_decay=o["weight_decay"],
+                         eps=o["eps"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        return dict(optimizer=optimizer, lr_scheduler=dict(scheduler=scheduler, interval="step"))
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["cascade"] = dict(
+            micro_steps=self.micro_steps,
+            rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available()
+                     else None),
+            nonfinite_total=self.nonfinite_total, nonfinite_in_a_row=self.nonfinite_in_a_row,
+            recipe=self.recipe_json,
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("cascade", {})
+        self.micro_steps = state.get("micro_steps", 0)
+        if state.get("rng") is not None:
+            self._pending_rng = state["rng"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)

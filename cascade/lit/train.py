@@ -1,0 +1,224 @@
+"""`cascade train` and `cascade export`: one stage's training run from a recipe, and its EMA weights as safetensors.
+
+The run folder (RUN_DIR/STAGE, RUN_DIR = recipe.run_dir or runs/NAME) holds the resolved recipe, the git commit and
+the environment, checkpoints (every N steps, atomic, the last K plus last.ckpt), CSV logs, a step journal and sample
+videos. Running the same command again resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from cascade.recipe import Recipe, RecipeError, load_recipe
+from cascade.recipe.schema import Stage
+
+
+def run_folder(recipe: Recipe, stage: Stage) -> Path:
+    return Path(recipe.run_dir or f"runs/{recipe.name}") / stage.name
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    import lightning
+
+    return dict(python=platform.python_version(), platform=platform.platform(), torch=torch.__version__,
+                lightning=lightning.__version__, cuda=torch.version.cuda, threads=torch.get_num_threads(),
+                slurm_job=os.environ.get("SLURM_JOB_ID"), argv=sys.argv)
+
+
+def write_run_info(folder: Path, recipe: Recipe, stage: Stage) -> None:
+    """The resolved recipe, the git commit and the environment; a changed recipe on resume is reported."""
+    folder.mkdir(parents=True, exist_ok=True)
+    resolved = recipe.model_dump(mode="json")
+    path = folder / "recipe.yaml"
+    if path.is_file():
+        previous = yaml.safe_load(path.read_text())
+        old = next((s for s in previous.get("stages", []) if s.get("name") == stage.name), None)
+        if old is not None and old != stage.model_dump(mode="json"):
+            print(f"warning: the recipe of stage {stage.name} changed since {path} was written; resuming with the "
+                  f"new one (the old one is kept as recipe.previous.yaml)", file=sys.stderr)
+            path.replace(folder / "recipe.previous.yaml")
+    path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    (folder / "run.json").write_text(json.dumps(dict(stage=stage.name, git_commit=git_commit(),
+                                                     environment=environment()), indent=2))
+
+
+def ensure_dataset(recipe: Recipe) -> None:
+    """Write the synthetic dataset when the recipe asks for it and it is not there yet."""
+    from cascade.data.shards import MANIFEST
+
+    if recipe.data.kind != "synthetic" or (Path(recipe.data.root) / MANIFEST).is_file():
+        return
+    from cascade.data.synthetic import write_synthetic
+
+    last = recipe.stages[-1]
+    print(f"writing the synthetic dataset to {recipe.data.root}", flush=True)
+    write_synthetic(recipe.data.root, count=recipe.data.count, seed=recipe.data.seed, images=recipe.data.images,
+                    width=last.width, height=last.height, fps=last.fps, seconds=last.frames / last.fps)
+
+
+def build_module(recipe: Recipe, stage: Stage, journal: Path | None = None):
+    from cascade.lit.module import StageModule
+    from cascade.recipe.build import build_augmentation, build_schedule, build_unet
+
+    torch.manual_seed(stage.train.seed)
+    t = stage.train
+    return StageModule(
+        build_unet(stage, recipe), schedule=build_schedule(stage), parameterization=stage.diffusion.parameterization,
+        weighting=stage.diffusion.loss_weighting, augmentation=build_augmentation(stage),
+        text_drop_prob=stage.guidance.text_drop_prob, lr=t.lr, optimizer=t.optimizer.name, betas=tuple(t.optimizer.betas),
+        weight_decay=t.optimizer.weight_decay, eps=t.optimizer.eps, lr_schedule=t.lr_schedule.kind,
+        warmup_steps=t.lr_schedule.warmup_steps, min_lr_ratio=t.lr_schedule.min_lr_ratio, max_steps=t.max_steps,
+        ema_decay=t.ema_decay, seed=t.seed, max_nonfinite=t.max_nonfinite, journal=journal,
+        recipe_json=json.dumps(dict(recipe=recipe.name, text_encoder=recipe.text_encoder.model_dump(mode="json"),
+                                    stage=stage.model_dump(mode="json"))),
+    )
+
+
+def resume_checkpoint(folder: Path) -> Path | None:
+    """The newest of last.ckpt and Lightning's SLURM checkpoints (hpc_ckpt_N.ckpt), if any."""
+    candidates = [p for p in [folder / "checkpoints" / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_callbacks=()):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from cascade.lit.callbacks import AtomicCheckpointIO, Preemption, SampleVideos
+    from cascade.recipe.build import build_stage_spec
+
+    t, launch = stage.train, stage.launch
+    on_slurm = SLURMEnvironment.detect()
+    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", filename="step-{step:07d}",
+                                  every_n_train_steps=t.checkpoint_every, save_top_k=t.keep_checkpoints,
+                                  monitor="global_step", mode="max", save_last=True, auto_insert_metric_name=False,
+                                  enable_version_counter=False)
+    # Under SLURM, SIGUSR1 belongs to Lightning's SLURM environment (checkpoint, then requeue).
+    signals = (signal.SIGTERM,) if on_slurm else (signal.SIGUSR1, signal.SIGTERM)
+    preemption = Preemption(folder / "checkpoints" / "last.ckpt", signals)
+    callbacks = [checkpoints, preemption, *extra_callbacks]
+    if recipe.logging.sample_every is not None:
+        crop = t.crop
+        size = dict(width=crop.width, height=crop.height) if crop else {}
+
+        def make_spec(net):
+            spec = build_stage_spec(stage, net)
+            return replace(spec, steps=recipe.logging.sample_steps, **size)
+        callbacks.append(SampleVideos(folder / "samples", recipe.logging.sample_every, make_spec,
+                                      recipe.logging.sample_count))
+    loggers = [CSVLogger(folder, name="logs", version=0)]
+    if recipe.logging.wandb is not None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        w = recipe.logging.wandb
+        loggers.append(WandbLogger(project=w.project, entity=w.entity, offline=w.mode == "offline",
+                                   save_dir=str(folder), name=f"{recipe.name}-{stage.name}", id=f"{recipe.name}-{stage.name}",
+                                   resume="allow"))
+    plugins = [AtomicCheckpointIO()]
+    if on_slurm:
+        plugins.append(SLURMEnvironment(auto_requeue=True))
+    accelerator = launch.accelerator if launch.accelerator != "gpu" else "cuda"
+    strategy = launch.strategy if (launch.gpus_per_node * launch.nodes > 1) else "auto"
+    return L.Trainer(
+        accelerator=accelerator, devices=launch.gpus_per_node, num_nodes=launch.nodes, strategy=strategy,
+        precision=t.precision, max_steps=t.max_steps, gradient_clip_val=t.grad_clip,
+        accumulate_grad_batches=t.accumulate_grad_batches, callbacks=callbacks, logger=loggers,
+        default_root_dir=folder, deterministic=t.deterministic or None,
+        log_every_n_steps=recipe.logging.every_n_steps, use_distributed_sampler=False, limit_val_batches=0,
+        num_sanity_val_steps=0, enable_model_summary=False, plugins=plugins, max_epochs=-1,
+    )
+
+
+def train(recipe: Recipe, stage_name: str, extra_callbacks=(), module_hook=None) -> Path:
+    """Train (or resume) one stage. Returns the run folder."""
+    from cascade.lit.data import StageDataModule
+    from cascade.recipe.build import build_stage_loader, build_text_source
+
+    stage = recipe.stage(stage_name)
+    folder = run_folder(recipe, stage)
+    ensure_dataset(recipe)
+    if not Path(recipe.text_encoder.path).exists() and (recipe.text_encoder.path.startswith((".", "/", "runs"))):
+        raise FileNotFoundError(f"text encoder folder {recipe.text_encoder.path} does not exist; for the tiny recipe "
+                                f"build it with `cascade data tiny-t5 --shards {recipe.data.root} --out "
+                                f"{recipe.text_encoder.path}`")
+    write_run_info(folder, recipe, stage)
+    if stage.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    module = build_module(recipe, stage, journal=folder / "train_steps.jsonl")
+    if module_hook is not None:
+        module_hook(module)
+    text = build_text_source(recipe)
+    data = StageDataModule(lambda rank, world: build_stage_loader(stage, recipe, rank, world, text_source=text))
+    trainer = build_trainer(recipe, stage, folder, module, extra_callbacks)
+    ckpt = resume_checkpoint(folder)
+    if ckpt is not None and trainer.is_global_zero:
+        print(f"resuming {stage.name} from {ckpt}", flush=True)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    return folder
+
+
+def train_command(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        recipe.stage(args.stage)
+    except KeyError as error:
+        raise RecipeError(str(args.recipe), [("stages", str(error).strip("'\""))]) from None
+    try:
+        folder = train(recipe, args.stage)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"run folder: {folder}")
+    return 0
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """EMA weights of a training checkpoint as safetensors, the resolved stage recipe in the metadata."""
+    from safetensors.torch import save_file
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # tensors only: nothing is unpickled
+    prefix = "ema.module."
+    weights = {k[len(prefix):]: v.contiguous() for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"{checkpoint}: no EMA weights (keys 'ema.module.*') in this checkpoint")
+    info = json.loads(state.get("cascade", {}).get("recipe", "{}"))
+    metadata = {"cascade.stage": json.dumps(info.get("stage", {})), "cascade.recipe": str(info.get("recipe", "")),
+                "cascade.text_encoder": json.dumps(info.get("text_encoder", {})),
+                "cascade.global_step": str(state.get("global_step", "")), "cascade.weights": "ema"}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out), metadata=metadata)
+    return out
+
+
+def export_command(args) -> int:
+    try:
+        path = export(args.checkpoint, args.out)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
