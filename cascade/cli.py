@@ -181,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True, help="the stage to train")
     p.set_defaults(func=_lazy("cascade.lit.train", "train_command"))
 
+    p = sub.add_parser("distill", help="guidance and progressive distillation of one trained stage (rerun to resume)")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--stage", required=True)
+    p.add_argument("--teacher", type=Path, help="teacher weights (.safetensors or a training checkpoint); default: "
+                   "the stage's last training checkpoint (EMA weights)")
+    p.set_defaults(func=_lazy("cascade.lit.distill", "distill_command"))
+
     p = sub.add_parser("export", help="EMA weights of a training checkpoint as safetensors (for cascade sample)")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, required=True, help="STAGE.safetensors")
