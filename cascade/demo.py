@@ -6,6 +6,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,7 +17,10 @@ DEMO_PROMPTS = ["a red circle moving right on a black background", "a cyan squar
 
 
 def load_networks(recipe: Recipe, checkpoints: Path | None, stages: list[str]) -> dict:
-    """Every stage's network: weights from CHECKPOINTS/STAGE.safetensors, or random initialisation."""
+    """Every stage's network and what its weights are: (net, info). Weights from CHECKPOINTS/STAGE.safetensors
+    (`cascade export` of a trained stage, or a distilled student from `cascade distill`), or a random
+    initialisation. info: {"distilled": bool, "guidance_distilled": bool, "steps": int | None}."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from cascade.recipe.build import build_unet
@@ -25,15 +29,23 @@ def load_networks(recipe: Recipe, checkpoints: Path | None, stages: list[str]) -
     for stage in recipe.stages:
         if stage.name not in stages:
             continue
-        torch.manual_seed(stage.train.seed)
-        net = build_unet(stage, recipe).eval()
+        info = dict(distilled=False, guidance_distilled=False, steps=None)
+        path = None
         if checkpoints is not None:
             path = checkpoints / f"{stage.name}.safetensors"
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no weights for stage {stage.name} (expected STAGE.safetensors "
-                                        f"from `cascade export`)")
+                                        f"from `cascade export` or `cascade distill`)")
+            with safe_open(str(path), "pt") as file:
+                meta = file.metadata() or {}
+            if meta.get("cascade.weights") == "distilled":
+                info = dict(distilled=True, guidance_distilled=meta.get("cascade.guidance_distilled") == "true",
+                            steps=int(meta["cascade.steps"]))
+        torch.manual_seed(stage.train.seed)
+        net = build_unet(stage, recipe, guidance_conditioning=info["guidance_distilled"]).eval()
+        if path is not None:
             net.load_state_dict(load_file(path))  # safetensors: tensors only, nothing is unpickled
-        nets[stage.name] = net
+        nets[stage.name] = (net, info)
     return nets
 
 
@@ -57,10 +69,18 @@ def run_sampling(recipe: Recipe, prompts: list[str], out: Path, checkpoints: Pat
         raise RecipeError(str(te.path), [("text_encoder.dim", f"the recipe says {te.dim} but the encoder at "
                                           f"{te.path} has width {encoder.dim}")])
     nets = load_networks(recipe, checkpoints, used)
-    sampler = CascadeSampler([build_stage_spec(recipe.stage(n), nets[n]) for n in used])
+    specs = []
+    for name in used:
+        net, info = nets[name]
+        spec = build_stage_spec(recipe.stage(name), net, guidance_distilled=info["guidance_distilled"])
+        if info["distilled"]:  # a distilled student is only valid at the step count it was distilled to
+            spec = replace(spec, steps=info["steps"])
+        specs.append(spec)
+    sampler = CascadeSampler(specs)
     generator = torch.Generator().manual_seed(seed)
     stage_dir = out.with_name(out.stem + "_stages")
     report = dict(recipe=recipe.name, prompts=prompts, seed=seed, checkpoints=str(checkpoints) if checkpoints else None,
+                  weights={n: nets[n][1] for n in used},
                   settings={n: recipe.stage(n).model_dump(include={"sampler", "guidance", "augmentation"}) for n in used},
                   batches=[], outputs=[])
     for first in range(0, len(prompts), batch_size):
