@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -26,9 +31,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        """Lightning deletes metrics.csv here; a resumed run keeps its rows and header and appends."""
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run appends to metrics.csv instead of deleting it. Steps that a
+    resumed run repeats appear again: the last row of a step counts, as in the step journal."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        self.save()  # the rows of every step a checkpoint holds are on disk: a run killed after it loses none
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, told after a resume that the step it resumed at is saved already. Lightning
+    forgets it: with gradient accumulation it would save again after the first micro-batch, mid-step, and a resume
+    from that checkpoint would train that step without the micro-batch's gradient."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step
+
+
 class Preemption(L.Callback):
-    """On SIGUSR1 or SIGTERM: finish the current step, save `last.ckpt`, stop; the process then exits 0. At the end
-    of training, `last.ckpt` is saved too.
+    """On SIGUSR1 or SIGTERM: finish the current optimizer step (all its micro-batches), save `last.ckpt`, stop; the
+    process then exits 0. At the end of training, `last.ckpt` is saved too.
 
     Under SLURM, SIGUSR1 is left to Lightning's SLURM environment, which saves and requeues the job.
     """
@@ -38,6 +77,7 @@ class Preemption(L.Callback):
         self.signals = signals
         self.received: int | None = None
         self.saved = False
+        self._step: int | None = None
 
     def _handler(self, signum, frame) -> None:
         self.received = signum
@@ -45,6 +85,7 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         import threading
 
+        self._step = trainer.global_step
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in self.signals:
@@ -57,7 +98,9 @@ class Preemption(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
-        if stop and not self.saved:
+        # Only after an optimizer step: a checkpoint between micro-batches would lose their accumulated gradients.
+        stepped, self._step = trainer.global_step != self._step, trainer.global_step
+        if stop and stepped and not self.saved:
             trainer.save_checkpoint(self.last_checkpoint)
             self.saved = True
             trainer.should_stop = True

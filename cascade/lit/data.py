@@ -44,9 +44,24 @@ class StageDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         base = self.loader.state_dict() if self.loader is not None else {}
-        return {**base, "batches": self.position["batches"], "positions": dict(self.position["positions"]),
-                "bad_counts": self.loader.total_bad if self.loader is not None else {}}
+        state = {**base, "batches": self.position["batches"], "positions": dict(self.position["positions"]),
+                 "bad_counts": self.loader.total_bad if self.loader is not None else {}}
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Only rank 0's checkpoint is written, and every rank reads other samples: keep each rank's position.
+            # Saving is collective already (Trainer.save_checkpoint ends in a barrier on every rank).
+            import torch.distributed as dist
+
+            own = dict(rank=self.trainer.global_rank, batches=state["batches"], positions=state["positions"])
+            ranks: list = [None] * self.trainer.world_size
+            dist.all_gather_object(ranks, own)
+            state["ranks"] = {str(r["rank"]): r for r in ranks}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        if "ranks" in state:
+            state = {**state, **state["ranks"][str(rank)]}
+        elif state.get("rank", 0) != rank and state.get("world_size") == world:  # (another world size: the loader says)
+            raise ValueError(f"the saved data position is rank {state.get('rank')}'s; this is rank {rank}")
         self._restored = state
         self.position = dict(batches=state["batches"], positions=dict(state["positions"]))

@@ -68,7 +68,7 @@ class StageModule(L.LightningModule):
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         self._skipped = False
         self._pending_rng: dict | None = None
-        self._step_start: float | None = None
+        self._last_step_time: float | None = None
 
     # --- randomness -------------------------------------------------------------------------------------------
     def _step_generator(self) -> torch.Generator:
@@ -80,13 +80,15 @@ class StageModule(L.LightningModule):
         self.micro_steps += 1
         return self.generator.manual_seed(int(seed))
 
+    def on_train_start(self) -> None:
+        self._last_step_time = time.perf_counter()
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._pending_rng is not None:  # restore where the interrupted run was, after every start-up draw
             torch.set_rng_state(self._pending_rng["torch"])
             if torch.cuda.is_available() and self._pending_rng.get("cuda") is not None:
                 torch.cuda.set_rng_state(self._pending_rng["cuda"])
             self._pending_rng = None
-        self._step_start = time.perf_counter()
 
     # --- the step -----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
@@ -109,21 +111,30 @@ class StageModule(L.LightningModule):
             cond.update(cond=low, aug_logsnr=aug_logsnr)
         per_sample = diffusion_loss(self.denoiser, x, logsnr, noise, self.weighting, **cond)  # (B,)
         loss = per_sample.mean()
+        speed = self._videos_per_second(len(batch["keys"]))
         finite = torch.isfinite(loss).float()
         if self.trainer.world_size > 1:  # every rank skips together, or DDP would hang
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         if finite.item() < 1:
-            return self._skip_step(batch)
+            return self._skip_step(batch, loss, speed)
         self.nonfinite_in_a_row = 0
         self._skipped = False
-        self._log_step(loss, per_sample, logsnr, batch)
+        self._log_step(loss, per_sample, logsnr, batch, speed)
         return loss
 
-    def _skip_step(self, batch: dict) -> None:
+    def _videos_per_second(self, videos: int) -> float | None:
+        """Videos/s over the time since the previous micro-batch reached this point (since the start of training for
+        the first): a whole iteration (data, forward, backward, optimizer step, EMA, callbacks), all ranks."""
+        now = time.perf_counter()
+        seconds = None if self._last_step_time is None else now - self._last_step_time
+        self._last_step_time = now
+        return videos * self.trainer.world_size / seconds if seconds else None
+
+    def _skip_step(self, batch: dict, loss: Tensor, speed: float | None) -> None:
         self.nonfinite_total += 1
         self.nonfinite_in_a_row += 1
         self._skipped = True
-        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+        self._log_scalars(loss, None, None, speed)
         print(f"warning: non-finite loss at step {self.global_step} (batch {batch.get('keys')}); step skipped "
               f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in all)", flush=True)
         if self.nonfinite_in_a_row >= self.max_nonfinite:
@@ -132,24 +143,29 @@ class StageModule(L.LightningModule):
                                      f"the data, or resume from an earlier checkpoint")
         return None
 
-    def _log_step(self, loss: Tensor, per_sample: Tensor, logsnr: Tensor, batch: dict) -> None:
+    def _log_scalars(self, loss: Tensor, per_sample: Tensor | None, logsnr: Tensor | None,
+                     speed: float | None) -> None:
+        """Every scalar on every step, NaN where a step has none (a skipped step, a log-SNR bucket no sample fell
+        in): Lightning would otherwise log the last value again, as if it were this step's."""
+        nan = float("nan")
         self.log("train/loss", loss, prog_bar=True)
-        t = self.schedule.t(logsnr.double()).float() if hasattr(self.schedule, "t") else None
-        if t is not None:  # loss per log-SNR bucket (quarters of t: 0 = clean end)
-            bucket = (t * BUCKETS).clamp(max=BUCKETS - 1).long()
+        if hasattr(self.schedule, "t"):  # loss per log-SNR bucket (quarters of t: 0 = clean end)
+            t = None if logsnr is None else self.schedule.t(logsnr.double()).float()
             for b in range(BUCKETS):
-                chosen = bucket == b
-                if chosen.any():
-                    self.log(f"train/loss_t{b / BUCKETS:.2f}-{(b + 1) / BUCKETS:.2f}", per_sample[chosen].mean(),
-                             batch_size=int(chosen.sum()))
+                chosen = None if t is None else (t * BUCKETS).clamp(max=BUCKETS - 1).long() == b
+                count = 0 if chosen is None else int(chosen.sum())
+                self.log(f"train/loss_t{b / BUCKETS:.2f}-{(b + 1) / BUCKETS:.2f}",
+                         per_sample[chosen].mean() if count else nan, batch_size=max(1, count))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/videos_per_second", nan if speed is None else speed)
+        self.log("train/nonfinite_steps", float(self.nonfinite_total))
         self.log("global_step", float(self.global_step))
+
+    def _log_step(self, loss: Tensor, per_sample: Tensor, logsnr: Tensor, batch: dict, speed: float | None) -> None:
+        self._log_scalars(loss, per_sample, logsnr, speed)
         if self.journal is not None:  # one line per micro-batch and rank: what was trained on, and the loss
-            seconds = time.perf_counter() - self._step_start if self._step_start else float("nan")
-            videos = len(batch["keys"])
             record = dict(step=self.global_step, micro=self.micro_steps - 1, rank=self.global_rank,
-                          loss=loss.item(), loss_hex=loss.item().hex(), keys=batch["keys"],
-                          videos_per_second=videos * self.trainer.world_size / seconds if seconds else None)
+                          loss=loss.item(), loss_hex=loss.item().hex(), keys=batch["keys"], videos_per_second=speed)
             journal = self.journal if self.global_rank == 0 else self.journal.with_suffix(f".rank{self.global_rank}.jsonl")
             with open(journal, "a") as file:
                 file.write(json.dumps(record) + "\n")
@@ -157,10 +173,8 @@ class StageModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         from lightning.pytorch.utilities import grad_norm
 
-        if not self._skipped:
-            norms = grad_norm(self.net, norm_type=2)
-            if "grad_2.0_norm_total" in norms:
-                self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        norms = {} if self._skipped else grad_norm(self.net, norm_type=2)
+        self.log("train/grad_norm", norms.get("grad_2.0_norm_total", float("nan")))  # NaN: no gradient this step
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

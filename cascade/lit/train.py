@@ -103,19 +103,18 @@ def resume_checkpoint(folder: Path) -> Path | None:
 
 def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_callbacks=()):
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from cascade.lit.callbacks import AtomicCheckpointIO, Preemption, SampleVideos
+    from cascade.lit.callbacks import (AtomicCheckpointIO, Preemption, ResumableCSVLogger, SampleVideos,
+                                       StepCheckpoint)
     from cascade.recipe.build import build_stage_spec
 
     t, launch = stage.train, stage.launch
     on_slurm = SLURMEnvironment.detect()
-    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", filename="step-{step:07d}",
-                                  every_n_train_steps=t.checkpoint_every, save_top_k=t.keep_checkpoints,
-                                  monitor="global_step", mode="max", save_last=True, auto_insert_metric_name=False,
-                                  enable_version_counter=False)
+    checkpoints = StepCheckpoint(dirpath=folder / "checkpoints", filename="step-{step:07d}",
+                                 every_n_train_steps=t.checkpoint_every, save_top_k=t.keep_checkpoints,
+                                 monitor="global_step", mode="max", save_last=True, auto_insert_metric_name=False,
+                                 enable_version_counter=False)
     # Under SLURM, SIGUSR1 belongs to Lightning's SLURM environment (checkpoint, then requeue).
     signals = (signal.SIGTERM,) if on_slurm else (signal.SIGUSR1, signal.SIGTERM)
     preemption = Preemption(folder / "checkpoints" / "last.ckpt", signals)
@@ -129,7 +128,7 @@ def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_call
             return replace(spec, steps=recipe.logging.sample_steps, **size)
         callbacks.append(SampleVideos(folder / "samples", recipe.logging.sample_every, make_spec,
                                       recipe.logging.sample_count))
-    loggers = [CSVLogger(folder, name="logs", version=0)]
+    loggers = [ResumableCSVLogger(folder, name="logs", version=0)]
     if recipe.logging.wandb is not None:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -176,7 +175,12 @@ def train(recipe: Recipe, stage_name: str, extra_callbacks=(), module_hook=None)
     ckpt = resume_checkpoint(folder)
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming {stage.name} from {ckpt}", flush=True)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    finally:  # end this stage's wandb run: the next train() in this process would otherwise log into it
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+                logger.experiment.finish()
     return folder
 
 
