@@ -101,6 +101,13 @@ def resume_checkpoint(folder: Path) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
+def wandb_run_id(folder: Path, recipe: Recipe, stage: Stage) -> str:
+    """One wandb run per run folder: a resumed run continues it, a new folder with the same recipe name starts anew."""
+    import hashlib
+
+    return f"{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]}-{recipe.name}-{stage.name}"
+
+
 def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_callbacks=()):
     import lightning as L
     from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -134,7 +141,7 @@ def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_call
 
         w = recipe.logging.wandb
         loggers.append(WandbLogger(project=w.project, entity=w.entity, offline=w.mode == "offline",
-                                   save_dir=str(folder), name=f"{recipe.name}-{stage.name}", id=f"{recipe.name}-{stage.name}",
+                                   save_dir=str(folder), name=f"{recipe.name}-{stage.name}", id=wandb_run_id(folder, recipe, stage),
                                    resume="allow"))
     plugins = [AtomicCheckpointIO()]
     if on_slurm:
@@ -190,11 +197,17 @@ def train_command(args) -> int:
         recipe.stage(args.stage)
     except KeyError as error:
         raise RecipeError(str(args.recipe), [("stages", str(error).strip("'\""))]) from None
+    from cascade.data.loader import DataBudgetExceeded
+    from cascade.lit.module import NonFiniteLossError
+
     try:
         folder = train(recipe, args.stage)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, DataBudgetExceeded) as error:  # the run stops loudly, with its last checkpoint kept
+        print(f"error: stage {args.stage} stopped: {error}", file=sys.stderr)
+        return 1
     print(f"run folder: {folder}")
     return 0
 
