@@ -191,7 +191,7 @@ def save_student(net: nn.Module, path: Path, stage, recipe, *, steps: int, guide
     return path
 
 
-def _round(recipe, stage, folder: Path, module: DistillModule, steps: int, lr: float):
+def _round(recipe, stage, folder: Path, module: DistillModule, steps: int, lr: float, extra_callbacks=()):
     """One Lightning run with checkpoints and exact resume (rerunning continues a killed round)."""
     from cascade.lit.data import StageDataModule
     from cascade.lit.train import build_trainer, resume_checkpoint, write_run_info
@@ -204,7 +204,7 @@ def _round(recipe, stage, folder: Path, module: DistillModule, steps: int, lr: f
     write_run_info(folder, round_recipe, round_stage)
     text = build_text_source(recipe)
     data = StageDataModule(lambda rank, world: build_stage_loader(stage, recipe, rank, world, text_source=text))
-    trainer = build_trainer(round_recipe, round_stage, folder, module)
+    trainer = build_trainer(round_recipe, round_stage, folder, module, extra_callbacks)
     ckpt = resume_checkpoint(folder)
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming {folder} from {ckpt}", flush=True)
@@ -212,7 +212,7 @@ def _round(recipe, stage, folder: Path, module: DistillModule, steps: int, lr: f
     return trainer
 
 
-def distill(recipe, stage_name: str, teacher: str | Path | None = None) -> Path:
+def distill(recipe, stage_name: str, teacher: str | Path | None = None, extra_callbacks=()) -> Path:
     """Guidance distillation (when `distill.guidance` is set), then progressive halvings from `start_steps` to
     `end_steps`. Every round is its own run folder under RUN/STAGE/distill/; a finished round (its
     student.safetensors exists) is skipped, so the command can be rerun after a crash. The final student is
@@ -261,7 +261,7 @@ def distill(recipe, stage_name: str, teacher: str | Path | None = None) -> Path:
             print(f"== distilling {stage.name}: {mode}" + (f" to {student_steps} steps" if mode == "progressive"
                                                             else f", w in [{w_range[0]:g}, {w_range[1]:g}]"),
                   flush=True)
-            trainer = _round(recipe, stage, folder, module, max_steps, lr)
+            trainer = _round(recipe, stage, folder, module, max_steps, lr, extra_callbacks)
             if trainer.global_step < max_steps:  # stopped by a signal: the round is not finished
                 raise SystemExit(0)
             save_student(module.student, student_file, stage, recipe, steps=student_steps, guided=guided,
