@@ -193,23 +193,13 @@ def save_student(net: nn.Module, path: Path, stage, recipe, *, steps: int, guide
 
 def _round(recipe, stage, folder: Path, module: DistillModule, steps: int, lr: float, extra_callbacks=()):
     """One Lightning run with checkpoints and exact resume (rerunning continues a killed round)."""
-    from cascade.lit.data import StageDataModule
-    from cascade.lit.train import build_trainer, resume_checkpoint, write_run_info
-    from cascade.recipe.build import build_stage_loader, build_text_source
+    from cascade.lit.train import fit
 
     train = stage.train.model_copy(update=dict(max_steps=steps, lr=lr, checkpoint_every=min(stage.train.checkpoint_every,
                                                                                         steps)))
     round_stage = stage.model_copy(update=dict(train=train))
     round_recipe = recipe.model_copy(update=dict(logging=recipe.logging.model_copy(update=dict(sample_every=None))))
-    write_run_info(folder, round_recipe, round_stage)
-    text = build_text_source(recipe)
-    data = StageDataModule(lambda rank, world: build_stage_loader(stage, recipe, rank, world, text_source=text))
-    trainer = build_trainer(round_recipe, round_stage, folder, module, extra_callbacks)
-    ckpt = resume_checkpoint(folder)
-    if ckpt is not None and trainer.is_global_zero:
-        print(f"resuming {folder} from {ckpt}", flush=True)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
-    return trainer
+    return fit(round_recipe, round_stage, folder, module, extra_callbacks, label=str(folder))
 
 
 def distill(recipe, stage_name: str, teacher: str | Path | None = None, extra_callbacks=()) -> Path:
@@ -217,12 +207,13 @@ def distill(recipe, stage_name: str, teacher: str | Path | None = None, extra_ca
     `end_steps`. Every round is its own run folder under RUN/STAGE/distill/; a finished round (its
     student.safetensors exists) is skipped, so the command can be rerun after a crash. The final student is
     written to RUN/distilled/STAGE.safetensors, with its lineage (teacher hashes, steps, w range)."""
-    from cascade.lit.train import ensure_dataset, run_folder
+    from cascade.lit.train import check_text_encoder, ensure_dataset, run_folder
     from cascade.recipe.build import build_augmentation, build_schedule, build_unet
 
     stage = recipe.stage(stage_name)
     d = stage.distill
     ensure_dataset(recipe)
+    check_text_encoder(recipe)
     root = run_folder(recipe, stage) / "distill"
     state, source = teacher_weights(recipe, stage, teacher)
     lineage = [dict(kind="teacher", path=str(source), sha256=_sha256(source),
@@ -282,13 +273,9 @@ def distill(recipe, stage_name: str, teacher: str | Path | None = None, extra_ca
 def distill_command(args) -> int:
     import sys
 
-    from cascade.recipe import RecipeError, load_recipe
+    from cascade.lit.train import load_for_stage
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    try:
-        recipe.stage(args.stage)
-    except KeyError as error:
-        raise RecipeError(str(args.recipe), [("stages", str(error).strip("'\""))]) from None
+    recipe, _ = load_for_stage(args)
     try:
         path = distill(recipe, args.stage, args.teacher)
     except (FileNotFoundError, ValueError) as error:

@@ -158,45 +158,61 @@ def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_call
     )
 
 
-def train(recipe: Recipe, stage_name: str, extra_callbacks=(), module_hook=None) -> Path:
-    """Train (or resume) one stage. Returns the run folder."""
+def fit(recipe: Recipe, stage: Stage, folder: Path, module, extra_callbacks=(), label: str | None = None):
+    """Fit `module` on the stage's data in `folder`, resuming from its last checkpoint; returns the trainer.
+    Shared by training and every distillation round. `stage.train` sets steps, cadence and precision."""
     from cascade.lit.data import StageDataModule
     from cascade.recipe.build import build_stage_loader, build_text_source
 
-    stage = recipe.stage(stage_name)
-    folder = run_folder(recipe, stage)
-    ensure_dataset(recipe)
-    if not Path(recipe.text_encoder.path).exists() and (recipe.text_encoder.path.startswith((".", "/", "runs"))):
-        raise FileNotFoundError(f"text encoder folder {recipe.text_encoder.path} does not exist; for the tiny recipe "
-                                f"build it with `cascade data tiny-t5 --shards {recipe.data.root} --out "
-                                f"{recipe.text_encoder.path}`")
     write_run_info(folder, recipe, stage)
     if stage.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    module = build_module(recipe, stage, journal=folder / "train_steps.jsonl")
-    if module_hook is not None:
-        module_hook(module)
     text = build_text_source(recipe)
     data = StageDataModule(lambda rank, world: build_stage_loader(stage, recipe, rank, world, text_source=text))
     trainer = build_trainer(recipe, stage, folder, module, extra_callbacks)
     ckpt = resume_checkpoint(folder)
     if ckpt is not None and trainer.is_global_zero:
-        print(f"resuming {stage.name} from {ckpt}", flush=True)
+        print(f"resuming {label or stage.name} from {ckpt}", flush=True)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
-    finally:  # end this stage's wandb run: the next train() in this process would otherwise log into it
+    finally:  # end this run's wandb run: the next fit() in this process would otherwise log into it
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
                 logger.experiment.finish()
+    return trainer
+
+
+def check_text_encoder(recipe: Recipe) -> None:
+    path = recipe.text_encoder.path
+    if not Path(path).exists() and path.startswith((".", "/", "runs")):
+        raise FileNotFoundError(f"text encoder folder {path} does not exist; for the tiny recipe build it with "
+                                f"`cascade data tiny-t5 --shards {recipe.data.root} --out {path}`")
+
+
+def train(recipe: Recipe, stage_name: str, extra_callbacks=(), module_hook=None) -> Path:
+    """Train (or resume) one stage. Returns the run folder."""
+    stage = recipe.stage(stage_name)
+    folder = run_folder(recipe, stage)
+    ensure_dataset(recipe)
+    check_text_encoder(recipe)
+    module = build_module(recipe, stage, journal=folder / "train_steps.jsonl")
+    if module_hook is not None:
+        module_hook(module)
+    fit(recipe, stage, folder, module, extra_callbacks)
     return folder
 
 
-def train_command(args) -> int:
+def load_for_stage(args) -> tuple[Recipe, Stage]:
+    """The recipe with its overrides, and the stage named by --stage (a RecipeError names the stages there are)."""
     recipe = load_recipe(args.recipe, args.overrides)
     try:
-        recipe.stage(args.stage)
+        return recipe, recipe.stage(args.stage)
     except KeyError as error:
         raise RecipeError(str(args.recipe), [("stages", str(error).strip("'\""))]) from None
+
+
+def train_command(args) -> int:
+    recipe, _ = load_for_stage(args)
     from cascade.data.loader import DataBudgetExceeded
     from cascade.lit.module import NonFiniteLossError
 
