@@ -16,7 +16,6 @@ restricted unpickler that reconstructs numpy arrays and nothing else, and its SH
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 import pickle
@@ -27,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cascade.files import file_sha256
 
 __all__ = [
     "I3D",
@@ -230,14 +231,6 @@ def find_i3d_weights() -> Path:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     if isinstance(tree, dict):
@@ -255,7 +248,7 @@ def load_i3d_weights(path: str | Path | None = None) -> dict[str, np.ndarray]:
     path = find_i3d_weights() if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"I3D weights not found at {path}. Run: {I3D_INSTALL_HINT}")
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != I3D_WEIGHTS_SHA256:
         raise ValueError(f"I3D weights at {path} have SHA-256 {digest}, expected {I3D_WEIGHTS_SHA256}")
     with open(path, "rb") as f:

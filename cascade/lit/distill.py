@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -18,6 +17,8 @@ from cascade.data.loader import to_model_input
 from cascade.diffusion import Denoiser, NoiseAugmentation, drop_captions, sample_logsnr_train
 from cascade.diffusion.param import append_dims
 from cascade.diffusion.schedule import alpha_sigma
+from cascade.files import file_sha256
+from cascade.lit.randomness import StepRandomness
 from cascade.distill.targets import distillation_loss, guided_target, progressive_target, sample_student_levels
 from cascade.sampling.steps import time_grid
 
@@ -44,9 +45,7 @@ class DistillModule(L.LightningModule):
         self.lr, self.max_steps, self.seed = lr, max_steps, seed
         self.journal = None if journal is None else Path(journal)
         self.lineage = lineage or {}
-        self.micro_steps = 0
-        self.generator: torch.Generator | None = None
-        self._pending_rng: dict | None = None
+        self.randomness = StepRandomness(seed)
         self._last_time: float | None = None
 
     def train(self, mode: bool = True):
@@ -54,17 +53,8 @@ class DistillModule(L.LightningModule):
         self.teacher.eval()  # the teacher never trains (dropout off)
         return self
 
-    def _step_generator(self) -> torch.Generator:
-        if self.generator is None or self.generator.device != self.device:
-            self.generator = torch.Generator(device=self.device)
-        seed = np.random.SeedSequence([self.seed, self.global_rank, self.micro_steps]).generate_state(1)[0]
-        self.micro_steps += 1
-        return self.generator.manual_seed(int(seed))
-
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self._pending_rng is not None:
-            torch.set_rng_state(self._pending_rng["torch"])
-            self._pending_rng = None
+        self.randomness.restore_global()
         if self._last_time is None:
             self._last_time = time.perf_counter()
 
@@ -74,7 +64,7 @@ class DistillModule(L.LightningModule):
             datamodule.consumed(batch)
         inputs = to_model_input(batch, self.device)
         x = inputs["video"]  # (B, 3, T, H, W) in [-1, 1]
-        batch_size, g = x.shape[0], self._step_generator()
+        batch_size, g = x.shape[0], self.randomness.next(self.device, self.global_rank)
         cond = dict(text=inputs["text"], text_mask=drop_captions(inputs["text_mask"], self.text_drop_prob, g),
                     fps=inputs["fps"], is_image=inputs["is_image"])
         if "cond" in inputs:
@@ -121,7 +111,7 @@ class DistillModule(L.LightningModule):
             return
         now = time.perf_counter()
         seconds, self._last_time = now - self._last_time, now
-        record = dict(step=self.global_step, micro=self.micro_steps - 1, loss=loss.item(), loss_hex=loss.item().hex(),
+        record = dict(step=self.global_step, micro=self.randomness.micro_steps - 1, loss=loss.item(), loss_hex=loss.item().hex(),
                       keys=batch["keys"], videos_per_second=len(batch["keys"]) * self.trainer.world_size / seconds
                       if seconds else None)
         with open(self.journal, "a") as file:
@@ -134,27 +124,14 @@ class DistillModule(L.LightningModule):
         return dict(optimizer=optimizer, lr_scheduler=dict(scheduler=scheduler, interval="step"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["cascade"] = dict(micro_steps=self.micro_steps, rng=dict(torch=torch.get_rng_state()),
-                                     lineage=json.dumps(self.lineage))
+        checkpoint["cascade"] = dict(**self.randomness.state(), lineage=json.dumps(self.lineage))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("cascade", {})
-        self.micro_steps = state.get("micro_steps", 0)
-        if state.get("rng") is not None:
-            self._pending_rng = state["rng"]
+        self.randomness.load(state)
 
 
 # --- the distillation schedule of one stage: guidance distillation, then the halvings -------------------------------
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def teacher_weights(recipe, stage, teacher: str | Path | None) -> tuple[dict, Path]:
     """The trained stage's EMA weights: a safetensors file, or the EMA part of the stage's last checkpoint."""
@@ -216,7 +193,7 @@ def distill(recipe, stage_name: str, teacher: str | Path | None = None, extra_ca
     check_text_encoder(recipe)
     root = run_folder(recipe, stage) / "distill"
     state, source = teacher_weights(recipe, stage, teacher)
-    lineage = [dict(kind="teacher", path=str(source), sha256=_sha256(source),
+    lineage = [dict(kind="teacher", path=str(source), sha256=file_sha256(source),
                     steps=d.progressive.start_steps)]
     guided = d.guidance is not None
     w_range = (d.guidance.w_min, d.guidance.w_max) if guided else (0.0, 0.0)
@@ -261,7 +238,7 @@ def distill(recipe, stage_name: str, teacher: str | Path | None = None, extra_ca
 
         state = load_file(str(student_file))
         teacher_guided = guided
-        lineage = [*lineage, dict(kind=mode, path=str(student_file), sha256=_sha256(student_file),
+        lineage = [*lineage, dict(kind=mode, path=str(student_file), sha256=file_sha256(student_file),
                                   steps=student_steps)]
     final = run_folder(recipe, stage).parent / "distilled" / f"{stage.name}.safetensors"
     last_file = Path(lineage[-1]["path"])

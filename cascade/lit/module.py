@@ -14,12 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cascade.data.loader import to_model_input
+from cascade.lit.randomness import StepRandomness
 from cascade.diffusion import Denoiser, NoiseAugmentation, diffusion_loss, drop_captions, sample_logsnr_train
 
 BUCKETS = 4  # loss logged per quarter of t (log-SNR from clean to pure noise)
@@ -63,32 +63,16 @@ class StageModule(L.LightningModule):
         self.seed, self.max_nonfinite = seed, max_nonfinite
         self.journal = None if journal is None else Path(journal)
         self.recipe_json = recipe_json
-        self.generator: torch.Generator | None = None
-        self.micro_steps = 0
+        self.randomness = StepRandomness(seed)
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         self._skipped = False
-        self._pending_rng: dict | None = None
         self._last_step_time: float | None = None
-
-    # --- randomness -------------------------------------------------------------------------------------------
-    def _step_generator(self) -> torch.Generator:
-        """A generator for this micro-batch, seeded by (seed, rank, micro-batch count): different noise on every
-        rank, the same noise for the same step after a resume."""
-        if self.generator is None or self.generator.device != self.device:
-            self.generator = torch.Generator(device=self.device)
-        seed = np.random.SeedSequence([self.seed, self.global_rank, self.micro_steps]).generate_state(1)[0]
-        self.micro_steps += 1
-        return self.generator.manual_seed(int(seed))
 
     def on_train_start(self) -> None:
         self._last_step_time = time.perf_counter()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self._pending_rng is not None:  # restore where the interrupted run was, after every start-up draw
-            torch.set_rng_state(self._pending_rng["torch"])
-            if torch.cuda.is_available() and self._pending_rng.get("cuda") is not None:
-                torch.cuda.set_rng_state(self._pending_rng["cuda"])
-            self._pending_rng = None
+        self.randomness.restore_global()
 
     # --- the step -----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
@@ -97,7 +81,7 @@ class StageModule(L.LightningModule):
             datamodule.consumed(batch)
         inputs = to_model_input(batch, self.device)
         x = inputs["video"]  # (B, 3, T, H, W) in [-1, 1]
-        g = self._step_generator()
+        g = self.randomness.next(self.device, self.global_rank)
         logsnr = sample_logsnr_train(x.shape[0], self.schedule, generator=g, device=self.device).float()
         noise = torch.randn(x.shape, generator=g, device=self.device, dtype=x.dtype)
         cond = dict(text=inputs["text"], text_mask=drop_captions(inputs["text_mask"], self.text_drop_prob, g),
@@ -164,7 +148,7 @@ class StageModule(L.LightningModule):
     def _log_step(self, loss: Tensor, per_sample: Tensor, logsnr: Tensor, batch: dict, speed: float | None) -> None:
         self._log_scalars(loss, per_sample, logsnr, speed)
         if self.journal is not None:  # one line per micro-batch and rank: what was trained on, and the loss
-            record = dict(step=self.global_step, micro=self.micro_steps - 1, rank=self.global_rank,
+            record = dict(step=self.global_step, micro=self.randomness.micro_steps - 1, rank=self.global_rank,
                           loss=loss.item(), loss_hex=loss.item().hex(), keys=batch["keys"], videos_per_second=speed)
             journal = self.journal if self.global_rank == 0 else self.journal.with_suffix(f".rank{self.global_rank}.jsonl")
             with open(journal, "a") as file:
@@ -192,17 +176,13 @@ class StageModule(L.LightningModule):
     # --- checkpoints --------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cascade"] = dict(
-            micro_steps=self.micro_steps,
-            rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available()
-                     else None),
+            **self.randomness.state(),
             nonfinite_total=self.nonfinite_total, nonfinite_in_a_row=self.nonfinite_in_a_row,
             recipe=self.recipe_json,
         )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("cascade", {})
-        self.micro_steps = state.get("micro_steps", 0)
-        if state.get("rng") is not None:
-            self._pending_rng = state["rng"]
+        self.randomness.load(state)
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
