@@ -12,15 +12,15 @@ figure is divided by W. Writes benchmarks/results/data-cpu.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from results_io import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,12 +89,7 @@ def main() -> int:
             clip = "{}x{}x{}@{:g}".format(*row["clip"])
             print(f"{row['stage']:<6} {row['kind']:<5} {clip:<16} {workers:>7} {row['clips_per_second']:>8.1f} "
                   f"{row['clips_per_second_per_core']:>12.1f}", flush=True)
-    result = dict(benchmark="data", recipe=str(args.recipe), dataset=str(folder), rows=rows,
-                  environment=dict(python=platform.python_version(), torch=torch.__version__,
-                                   cpu_count=os.cpu_count(), load_average=os.getloadavg()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, dict(benchmark="data", recipe=str(args.recipe), dataset=str(folder), rows=rows))
     return 0
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from results_io import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red circle moving left on a black background", "a green square moving up on a gray background"]
@@ -79,13 +79,8 @@ def main() -> int:
               f"{r['student_nfe_per_video']:>11} {r['student_seconds']:>7.1f}")
     print(f"{'total':<6} {total['teacher_nfe_per_video']:>11} {total['teacher_seconds']:>7.1f} "
           f"{total['student_nfe_per_video']:>11} {total['student_seconds']:>7.1f}   (seconds for {len(PROMPTS)} videos)")
-    result = dict(benchmark="sampling_nfe", recipe=str(args.recipe), videos=len(PROMPTS), rows=rows, total=total,
-                  environment=dict(python=platform.python_version(), torch=torch.__version__,
-                                   threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-                                   load_average=os.getloadavg()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, dict(benchmark="sampling_nfe", recipe=str(args.recipe), videos=len(PROMPTS), rows=rows,
+                                 total=total))
     return 0
 
 

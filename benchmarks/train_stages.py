@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from results_io import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,13 +66,8 @@ def main() -> int:
         clip = "{}x{}x{}@{:g}".format(*row["clip"])
         crop = "x".join(map(str, row["crop"])) if row["crop"] else "-"
         print(f"{row['stage']:<6} {clip:<16} {crop:<7} {row['batch_size']:>5} {row['videos_per_second']:>9.1f}")
-    result = dict(benchmark="train_stages", recipe=str(args.recipe), steps=args.steps, warmup=args.warmup,
-                  rows=rows, environment=dict(python=platform.python_version(), torch=torch.__version__,
-                                              threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-                                              load_average=os.getloadavg()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, dict(benchmark="train_stages", recipe=str(args.recipe), steps=args.steps,
+                                 warmup=args.warmup, rows=rows))
     return 0
 
 
