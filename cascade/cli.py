@@ -194,6 +194,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="STAGE.safetensors")
     p.set_defaults(func=_lazy("cascade.lit.train", "export_command"))
 
+    p = sub.add_parser("run", help="the recipe's whole job graph here: data, embeddings, training and distillation "
+                       "of every stage, evaluation, report (rerun to continue; complete steps are skipped)")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--stages", help="comma-separated stages to train and distill (default: all, then eval + report)")
+    p.add_argument("--force", action="append", metavar="NODE", help="rerun this node even if complete (repeatable)")
+    p.add_argument("--list", action="store_true", help="print the graph and what is complete, run nothing")
+    p.set_defaults(func=_lazy("cascade.pipeline", "run_command"))
+
+    p = sub.add_parser("step", help="one node of the job graph, e.g. train/base (what a cluster job runs)")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("node")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--part", type=int, help="the slice of an array node (embed)")
+    p.add_argument("--parts", type=int, default=1, help="slices of the embed node")
+    p.set_defaults(func=_lazy("cascade.pipeline", "step_command"))
+
+    p = sub.add_parser("eval", help="evaluate every stage (ground-truth and generated inputs), swept over steps, "
+                       "guidance and augmentation: JSON, markdown table, plots")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--checkpoints", type=Path, required=True, help="folder of per-stage weights (STAGE.safetensors: "
+                   "exported teachers or distilled students)")
+    p.add_argument("--num-videos", type=int, help="videos per setting (default: eval.num_videos)")
+    p.add_argument("--steps", help="comma-separated sampler steps, e.g. 8,16,64,256 (default: eval.steps)")
+    p.add_argument("--guidance", help="comma-separated guidance weights (default: eval.guidance)")
+    p.add_argument("--aug", help="comma-separated input noise-augmentation log-SNRs (default: eval.aug_logsnr)")
+    p.add_argument("--metrics", help="comma-separated: fvd, clipsim, probes (default: eval.metrics)")
+    p.add_argument("--stages", help="comma-separated stages to evaluate (default: all)")
+    p.add_argument("--modes", help="gt, cascade or both (default): the SR stages' inputs")
+    p.add_argument("--batch-size", type=int, help="videos sampled together (default: eval.batch_size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="output folder (default: runs/NAME/eval/CHECKPOINTS-NAME)")
+    p.set_defaults(func=_lazy("cascade.eval.runner", "eval_command"))
+
     p = sub.add_parser("demo", help="the built-in demo: validate the shipped recipes, then sample a video "
                        "from a randomly initialised tiny cascade")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -35,6 +35,9 @@ class TextEncoder(Strict):
     """Dtype the encoder runs in."""
     dim: PositiveInt = 4096
     """Width of the encoder's token embeddings (4096 for T5-XXL); the U-Nets' text input width."""
+    build_tiny: bool = False
+    """`cascade run` builds a tiny random T5 of width `dim` at `path` (its tokenizer trained on the dataset's
+    captions) when the folder does not exist: for the tiny recipe and tests, never a real model."""
 
 
 class UNet(Strict):
@@ -320,7 +323,12 @@ class Eval(Strict):
     clip_path: str | None = None
     """Local CLIP folder for CLIPSIM."""
     frames: PositiveInt = 16
-    """Frames per video fed to I3D for FVD."""
+    """Frames per video fed to I3D for FVD (stages with fewer frames get no FVD)."""
+    data: str | None = None
+    """Folder of shards to evaluate on. None: for a synthetic recipe, a generated split of held-out caption
+    combinations; for real data, the training shards (the report says so)."""
+    batch_size: PositiveInt = 8
+    """Videos sampled together during evaluation."""
 
 
 class Wandb(Strict):

@@ -1,0 +1,533 @@
+"""`cascade eval`: evaluate every stage of a trained (or distilled) cascade, swept over its sampling settings.
+
+For each stage, two input modes:
+
+- ``gt``: the stage's input is the ground-truth clip as its input stage sees it (lower frame rate / resolution),
+  which is what the stage trained on: this isolates the stage;
+- ``cascade``: its input is what the stages before it generated with the recipe's settings, as in real use.
+
+The base stage has no input: its one mode is ``text``. Sweeps vary one axis at a time around the recipe's settings
+(sampler steps, guidance weight, noise-augmentation level of the input), so a sweep costs the sum of the axes'
+lengths, not their product; every setting of every stage samples from the same noise (paired comparisons).
+A distilled student is valid only at the step count it was distilled to: its steps axis holds that count only.
+
+Metrics (recipe ``eval.metrics``): ``probes`` (synthetic data: colour, shape, direction and background read from
+pixels, `cascade.eval.probes`), ``fvd`` (I3D with the canonical weights against cached reference statistics of the
+evaluation set, `cascade.eval.fvd`), ``clipsim`` (CLIP from ``eval.clip_path``, `cascade.eval.clipsim`). Ground
+truth is scored too, as the ceiling of each metric. Writes eval.json, eval.md and one PNG plot per swept axis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cascade.recipe import Recipe, RecipeError, load_recipe
+from cascade.recipe.schema import Stage
+
+__all__ = ["EvalPlan", "evaluate", "eval_command", "settings_grid", "eval_folder", "load_examples"]
+
+AXES = ("steps", "guidance", "aug")
+
+
+@dataclass
+class EvalPlan:
+    num_videos: int
+    steps: list[int]
+    guidance: list[float]
+    aug: list[float]
+    metrics: list[str]
+    stages: list[str]
+    modes: list[str]
+    batch_size: int = 8
+    seed: int = 0
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, **changes) -> EvalPlan:
+        e = recipe.eval
+        plan = cls(num_videos=e.num_videos, steps=list(e.steps), guidance=list(e.guidance), aug=list(e.aug_logsnr),
+                   metrics=list(e.metrics), stages=[s.name for s in recipe.stages], modes=["gt", "cascade"],
+                   batch_size=e.batch_size)
+        for key, value in changes.items():
+            if value is not None:
+                setattr(plan, key, value)
+        names = [s.name for s in recipe.stages]
+        unknown = [s for s in plan.stages if s not in names]
+        if unknown:
+            raise ValueError(f"--stages: no stage named {', '.join(unknown)}; stages are {', '.join(names)}")
+        bad_modes = [m for m in plan.modes if m not in ("gt", "cascade")]
+        if bad_modes:
+            raise ValueError(f"--modes: {', '.join(bad_modes)} unknown; modes are gt, cascade")
+        return plan
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What to run
+# --------------------------------------------------------------------------------------------------------------
+def default_setting(stage: Stage, fixed_steps: int | None = None) -> dict:
+    g = stage.guidance
+    return dict(steps=fixed_steps or stage.sampler.steps, guidance=g.weight,
+                oscillate=None if g.oscillate is None else [g.oscillate.high, g.oscillate.low],
+                aug=None if stage.augmentation is None else stage.augmentation.sample_logsnr)
+
+
+def settings_grid(stage: Stage, plan: EvalPlan, fixed_steps: int | None = None) -> list[dict]:
+    """The settings to sample a stage with: the recipe's, then one axis at a time. Each setting lists the axes
+    whose plot it belongs to (the recipe's setting belongs to all of them)."""
+    base = default_setting(stage, fixed_steps)
+    candidates = [(dict(base), list(AXES))]
+    for steps in ([] if fixed_steps else plan.steps):
+        candidates.append((dict(base, steps=steps), ["steps"]))
+    for weight in plan.guidance:
+        candidates.append((dict(base, guidance=float(weight), oscillate=None), ["guidance"]))
+    if stage.augmentation is not None:
+        for level in plan.aug:
+            candidates.append((dict(base, aug=float(level)), ["aug"]))
+    grid: dict[str, dict] = {}
+    for setting, axes in candidates:
+        key = json.dumps(setting, sort_keys=True)
+        if key in grid:
+            grid[key]["axes"] = sorted(set(grid[key]["axes"]) | set(axes), key=AXES.index)
+        else:
+            grid[key] = dict(setting, axes=axes)
+    return list(grid.values())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The evaluation set
+# --------------------------------------------------------------------------------------------------------------
+def eval_folder(recipe: Recipe, num_videos: int) -> tuple[Path, str]:
+    """(folder of shards, what it is). A synthetic recipe gets a generated split of held-out caption combinations
+    next to its training data (regenerated when it holds too few videos)."""
+    from cascade.data.shards import MANIFEST, Manifest
+    from cascade.recipe.build import dataset_folder
+
+    if recipe.eval.data is not None:
+        return Path(recipe.eval.data), "eval.data"
+    if recipe.data.kind != "synthetic":
+        return Path(dataset_folder(recipe)), "the training shards (set eval.data for a held-out set)"
+    folder = Path(f"{recipe.data.root}-heldout")
+    last = recipe.stages[-1]
+    wanted = dict(split="heldout", seed=recipe.data.seed + 1, width=last.width, height=last.height, fps=last.fps)
+    if (folder / MANIFEST).is_file():
+        manifest = Manifest.read(folder)
+        if manifest.videos >= num_videos and all(manifest.info.get(k) == v for k, v in wanted.items()):
+            return folder, "held-out caption combinations (synthetic)"
+        shutil.rmtree(folder)  # ours, derived from the recipe: too small or stale
+    from cascade.data.synthetic import write_synthetic
+
+    write_synthetic(folder, count=num_videos, seed=wanted["seed"], split="heldout", width=last.width,
+                    height=last.height, fps=last.fps, seconds=last.frames / last.fps)
+    return folder, "held-out caption combinations (synthetic)"
+
+
+def load_examples(folder: Path, spec, count: int) -> dict:
+    """The first `count` videos of a dataset in shard order (stills are skipped), cut to a stage's clip at full
+    size (no training crop). -> video (N, 3, T, H, W) uint8, cond (N, 3, T', H', W') uint8 or None, captions, keys,
+    skipped (key -> reason of unusable samples)."""
+    from cascade.data.clips import BadSample, make_example
+    from cascade.data.loader import ShardStream, read_tar_index
+    from cascade.data.shards import Manifest
+
+    manifest = Manifest.read(folder)
+    spec = replace(spec, crop_width=None, crop_height=None)
+    stream = ShardStream(folder, [s["path"] for s in manifest.shards], seed=0, role=0, roles=1)
+    videos, conds, captions, keys, skipped = [], [], [], [], {}
+    for shard, entry in enumerate(manifest.shards):
+        samples, problem = read_tar_index(folder / entry["path"])
+        if problem:
+            skipped[entry["path"]] = problem
+        for index, (key, members) in enumerate(samples):
+            if len(videos) == count:
+                break
+            if "mp4" not in members:
+                continue
+            try:
+                example = make_example(stream.read(shard, members), spec, np.random.default_rng([shard, index]))
+            except BadSample as error:
+                skipped[key] = str(error)
+                continue
+            videos.append(example["video"])
+            conds.append(example.get("cond"))
+            captions.append(example["caption"])
+            keys.append(key)
+        if len(videos) == count:
+            break
+    if len(videos) < count:
+        raise ValueError(f"{folder}: {len(videos)} usable videos, --num-videos asks for {count}"
+                         + (f" ({len(skipped)} skipped)" if skipped else ""))
+    return dict(video=torch.stack(videos), cond=None if conds[0] is None else torch.stack(conds),
+                captions=captions, keys=keys, skipped=skipped)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------------------
+class Metrics:
+    """The requested metrics; a metric that cannot run here says why once and is reported as skipped."""
+
+    def __init__(self, recipe: Recipe, plan: EvalPlan, folder: Path, cache: Path) -> None:
+        self.recipe, self.plan, self.folder, self.cache = recipe, plan, folder, cache
+        self.skipped: dict[str, str] = {}
+        self._i3d = self._clip = None
+        self._references: dict[str, object] = {}
+        if "probes" in plan.metrics and recipe.data.kind != "synthetic" and recipe.eval.data is None:
+            self.skipped["probes"] = "the probes read the synthetic dataset's scenes; this recipe trains on real data"
+        if "fvd" in plan.metrics:
+            try:
+                from cascade.eval.fvd import FVDProtocol, I3DFeatures
+
+                self.protocol = FVDProtocol(frames=recipe.eval.frames)
+                self._i3d = I3DFeatures(batch_size=plan.batch_size)
+            except FileNotFoundError as error:
+                self.skipped["fvd"] = str(error)
+        if "clipsim" in plan.metrics:
+            if recipe.eval.clip_path is None:
+                self.skipped["clipsim"] = "eval.clip_path is not set (a local CLIP folder)"
+            else:
+                from cascade.eval.clipsim import CLIPSim
+
+                self._clip = CLIPSim(recipe.eval.clip_path, batch_size=plan.batch_size)
+
+    def wants(self, name: str) -> bool:
+        return name in self.plan.metrics and name not in self.skipped
+
+    def fvd_reason(self, stage: Stage) -> str | None:
+        if not self.wants("fvd"):
+            return None
+        if stage.frames < self.protocol.frames:
+            return f"{stage.frames} frames, the I3D protocol takes {self.protocol.frames} (eval.frames)"
+        return None
+
+    def reference(self, stage: Stage):
+        if stage.name not in self._references:
+            from cascade.eval.fvd import reference_stats
+
+            self._references[stage.name] = reference_stats(
+                self.folder, self.protocol, num_videos=self.plan.num_videos, size=(stage.width, stage.height),
+                fps=stage.fps, frames=stage.frames, cache_dir=self.cache, extractor=self._i3d)
+        return self._references[stage.name]
+
+    def score(self, stage: Stage, videos: np.ndarray, captions: list[str], reference: bool = False) -> dict:
+        """videos: (N, T, H, W, 3) uint8. `reference`: these are the ground truth (no FVD against themselves)."""
+        out: dict = {}
+        if self.wants("probes"):
+            from cascade.eval.probes import probe_accuracy
+
+            summary, _ = probe_accuracy(list(videos), captions)
+            out["probes"] = {k: v for k, v in summary.items() if k != "count"}
+        if self.wants("fvd") and not reference:
+            reason = self.fvd_reason(stage)
+            if reason is None:
+                from cascade.eval.fvd import fvd
+
+                generated = self._i3d.stats([videos], num_videos=len(videos))
+                out["fvd"] = float(fvd(generated, self.reference(stage)))
+        if self.wants("clipsim"):
+            result = self._clip.score(videos, captions)
+            out["clipsim"] = dict(cosine=result["cosine"], score=result["score"])
+        return out
+
+    def describe(self) -> dict:
+        info: dict = dict(requested=self.plan.metrics, skipped=self.skipped)
+        if self._i3d is not None:
+            info["fvd_protocol"] = asdict(self.protocol)
+        if self._clip is not None:
+            info["clip_model"] = self._clip.model_name
+        return info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------------------
+def _uint8(video: torch.Tensor) -> np.ndarray:
+    """(B, 3, T, H, W) in [-1, 1] -> (B, T, H, W, 3) uint8."""
+    return ((video.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+
+
+def _spec(stage: Stage, net, info: dict, setting: dict):
+    from cascade.diffusion import NoiseAugmentation
+    from cascade.recipe.build import build_stage_spec
+
+    spec = build_stage_spec(stage, net, guidance_distilled=info["guidance_distilled"])
+    spec = replace(spec, steps=setting["steps"], guidance=setting["guidance"],
+                   oscillate=None if setting["oscillate"] is None else tuple(setting["oscillate"]))
+    if setting["oscillate"] is None:
+        spec = replace(spec, constant_steps=0)
+    if setting["aug"] is not None:
+        a = stage.augmentation
+        spec = replace(spec, augmentation=NoiseAugmentation(a.logsnr_min, a.logsnr_max, sample_logsnr=setting["aug"]))
+    return spec
+
+
+def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progress: bool = True) -> dict:
+    """Run the evaluation; write eval.json, eval.md and the plots to `out`. Returns the report."""
+    from tqdm.auto import tqdm
+
+    from cascade.data.video import write_video
+    from cascade.demo import load_networks
+    from cascade.nn.text import FrozenT5
+    from cascade.recipe.build import clip_spec
+    from cascade.sampling.cascade import CascadeSampler
+
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    names = [s.name for s in recipe.stages]
+    needed = names[: max(names.index(s) for s in plan.stages) + 1]  # cascade mode needs every earlier stage
+    nets = load_networks(recipe, checkpoints, needed)
+    folder, what = eval_folder(recipe, plan.num_videos)
+    metrics = Metrics(recipe, plan, folder, out / "cache")
+    for name, reason in metrics.skipped.items():
+        print(f"note: {name} skipped: {reason}", file=sys.stderr)
+    te = recipe.text_encoder
+    encoder = FrozenT5.from_pretrained(te.path, te.max_tokens, te.dtype)
+    examples = {name: load_examples(folder, clip_spec(recipe.stage(name), recipe), plan.num_videos) for name in needed}
+    captions = examples[names[0]]["captions"]
+    batches = [(first, min(first + plan.batch_size, plan.num_videos))
+               for first in range(0, plan.num_videos, plan.batch_size)]
+    texts = [encoder.encode(captions[a:b]) for a, b in batches]
+
+    def generator(batch: int, stage_index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(plan.seed * 1_000_003 + batch * 101 + stage_index)
+
+    def run(stage: Stage, setting: dict, inputs: list[torch.Tensor | None]) -> tuple[torch.Tensor, dict]:
+        net, info = nets[stage.name]
+        spec = _spec(stage, net, info, setting)
+        index = names.index(stage.name)
+        videos, nfe, start = [], 0, time.perf_counter()
+        for b, (text, mask) in enumerate(texts):
+            video, nfe = CascadeSampler.sample_stage(spec, text, mask, inputs[b], generator(b, index))
+            videos.append(video)
+        return torch.cat(videos), dict(nfe_per_video=nfe, seconds=time.perf_counter() - start)
+
+    # The recipe's cascade, once: the inputs of every stage's "cascade" mode.
+    default_outputs: dict[str, torch.Tensor] = {}
+    default_costs: dict[str, dict] = {}
+    if "cascade" in plan.modes:
+        previous: list[torch.Tensor | None] = [None] * len(batches)
+        for stage in tqdm([recipe.stage(n) for n in needed], desc="eval: the recipe's cascade", disable=not progress):
+            fixed = nets[stage.name][1]["steps"] if nets[stage.name][1]["distilled"] else None
+            video, cost = run(stage, default_setting(stage, fixed), previous)
+            default_outputs[stage.name], default_costs[stage.name] = video, cost
+            previous = [video[a:b] for a, b in batches]
+
+    jobs = []
+    for name in plan.stages:
+        stage = recipe.stage(name)
+        info = nets[name][1]
+        modes = ["text"] if stage.kind == "base" else plan.modes
+        for mode in modes:
+            for setting in settings_grid(stage, plan, info["steps"] if info["distilled"] else None):
+                jobs.append((stage, mode, setting))
+
+    rows, ground_truth = [], {}
+    for name in plan.stages:
+        stage = recipe.stage(name)
+        gt = _uint8(examples[name]["video"].float() / 127.5 - 1.0)
+        ground_truth[name] = metrics.score(stage, gt, captions, reference=True)
+    samples_dir = out / "samples"
+    for stage, mode, setting in tqdm(jobs, desc="eval: stages x settings", disable=not progress):
+        index = names.index(stage.name)
+        if mode == "text":
+            inputs = [None] * len(batches)
+        elif mode == "gt":
+            cond = examples[stage.name]["cond"].float() / 127.5 - 1.0
+            inputs = [cond[a:b] for a, b in batches]
+        else:
+            inputs = [default_outputs[names[index - 1]][a:b] for a, b in batches]
+        info = nets[stage.name][1]
+        default = default_setting(stage, info["steps"] if info["distilled"] else None)
+        if mode == "cascade" and {k: v for k, v in setting.items() if k != "axes"} == default:
+            video, cost = default_outputs[stage.name], default_costs[stage.name]  # same noise: the same samples
+        else:
+            video, cost = run(stage, setting, inputs)
+        videos = _uint8(video)
+        row = dict(stage=stage.name, kind=stage.kind, mode=mode, **setting, **cost,
+                   distilled=nets[stage.name][1]["distilled"], **metrics.score(stage, videos, captions))
+        if metrics.fvd_reason(stage):
+            row["fvd_skipped"] = metrics.fvd_reason(stage)
+        if set(setting["axes"]) == set(AXES):  # keep the recipe setting's first samples for a look
+            for i in range(min(2, len(videos))):
+                write_video(samples_dir / f"{stage.name}_{mode}_{i}.gif", videos[i], stage.fps)
+        rows.append(row)
+
+    report = dict(
+        recipe=recipe.name, checkpoints=str(checkpoints), data=dict(folder=str(folder), what=what,
+                                                                   videos=plan.num_videos,
+                                                                   skipped=examples[names[0]]["skipped"]),
+        plan=asdict(plan), metrics=metrics.describe(),
+        weights={n: nets[n][1] for n in needed}, ground_truth=ground_truth, rows=rows,
+        seconds=time.perf_counter() - started)
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    (out / "eval.md").write_text(markdown(report))
+    report["plots"] = [str(p) for p in plot(report, out)]
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    _log_wandb(recipe, report, out)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------------------------
+def metric_columns(report: dict) -> list[tuple[str, str]]:
+    """(column title, dotted key) of every metric present in the report's rows."""
+    columns = []
+    probes = [k for k in ("color", "shape", "direction", "background")
+              if any(r.get("probes", {}).get(k) is not None for r in report["rows"])]
+    columns += [(f"probe {k}", f"probes.{k}") for k in probes]
+    if any("fvd" in r for r in report["rows"]):
+        columns.append(("FVD", "fvd"))
+    if any("clipsim" in r for r in report["rows"]):
+        columns += [("CLIPSIM cos", "clipsim.cosine"), ("CLIPSIM x100", "clipsim.score")]
+    return columns
+
+
+def _get(row: dict, dotted: str):
+    value = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) >= 1 or value == 0 else f"{value:.3f}"
+    return str(value)
+
+
+def markdown(report: dict) -> str:
+    columns = metric_columns(report)
+    lines = [f"# Evaluation of `{report['recipe']}`", "",
+             f"Weights: `{report['checkpoints']}`. Data: {report['data']['what']} (`{report['data']['folder']}`), "
+             f"{report['data']['videos']} videos. Sweeps vary one axis at a time around the recipe's settings.", ""]
+    for name, reason in report["metrics"]["skipped"].items():
+        lines.append(f"- {name} not computed: {reason}")
+    if "fvd_protocol" in report["metrics"]:
+        p = report["metrics"]["fvd_protocol"]
+        lines.append(f"- FVD: I3D Kinetics-400 (TF-Hub weights), {p['frames']} frames from frame {p['offset']}, "
+                     f"{p['resize']} resize to {p['resolution']}; against the ground truth at each stage's size.")
+    if "clip_model" in report["metrics"]:
+        lines.append(f"- CLIPSIM: `{report['metrics']['clip_model']}`, mean over frames of the caption-frame cosine.")
+    lines += ["", "## Ground truth (the ceiling of each metric)", ""]
+    gt_columns = [c for c in columns if c[1] != "fvd"]
+    lines.append("| stage | " + " | ".join(c[0] for c in gt_columns) + " |")
+    lines.append("|---|" + "---|" * len(gt_columns))
+    for name, scores in report["ground_truth"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(_get(scores, c[1])) for c in gt_columns) + " |")
+    lines += ["", "## Samples", "", "| stage | input | steps | guidance | aug log-SNR | NFE/video | s | "
+              + " | ".join(c[0] for c in columns) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(columns)]
+    for row in report["rows"]:
+        guidance = _fmt(row["guidance"]) if row["oscillate"] is None else "osc({}, {})".format(*row["oscillate"])
+        lines.append(f"| {row['stage']}{' (distilled)' if row['distilled'] else ''} | {row['mode']} | {row['steps']} "
+                     f"| {guidance} | {_fmt(row['aug'])} | {row['nfe_per_video']} | {row['seconds']:.1f} | "
+                     + " | ".join(_fmt(_get(row, c[1])) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, out: Path) -> list[Path]:
+    """One PNG per swept axis (quality against steps, guidance, augmentation): a panel per metric, a line per
+    stage and input mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = metric_columns(report)
+    paths = []
+    if not columns:
+        return paths
+    for axis, label in (("steps", "sampler steps"), ("guidance", "guidance weight"), ("aug", "input aug log-SNR")):
+        rows = [r for r in report["rows"] if axis in r["axes"] and r[axis] is not None]
+        lines = {}
+        for r in rows:
+            lines.setdefault((r["stage"], r["mode"]), []).append(r)
+        if not any(len({r[axis] for r in group}) > 1 for group in lines.values()):
+            continue  # nothing varies along this axis
+        cols = min(len(columns), 3)
+        rows_n = math.ceil(len(columns) / cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
+        for ax, (title, key) in zip(axes.flat, columns):
+            for (stage, mode), group in lines.items():
+                points = sorted((r[axis], _get(r, key)) for r in group if _get(r, key) is not None)
+                if points:
+                    ax.plot(*zip(*points), marker="o", linestyle="--" if mode == "gt" else "-",
+                            label=f"{stage} ({mode})")
+            ax.set_xlabel(label)
+            ax.set_title(title)
+            if axis == "steps":
+                ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(columns):]:
+            ax.axis("off")
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=7)
+        fig.suptitle(f"{report['recipe']}: quality against {label}")
+        fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+        path = out / f"{axis}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _log_wandb(recipe: Recipe, report: dict, out: Path) -> None:
+    w = recipe.logging.wandb
+    if w is None:
+        return
+    import wandb
+
+    columns = ["stage", "mode", "steps", "guidance", "aug", "nfe_per_video"] + [c[0] for c in metric_columns(report)]
+    table = wandb.Table(columns=columns)
+    for row in report["rows"]:
+        table.add_data(row["stage"], row["mode"], row["steps"], row["guidance"], row["aug"], row["nfe_per_video"],
+                       *[_get(row, c[1]) for c in metric_columns(report)])
+    run = wandb.init(project=w.project, entity=w.entity, mode=w.mode, dir=str(out), name=f"{recipe.name}-eval",
+                     job_type="eval", config=report["plan"])
+    try:
+        run.log({"eval/rows": table, **{f"eval/{Path(p).stem}": wandb.Image(p) for p in report["plots"]}})
+    finally:
+        run.finish()
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def eval_command(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        plan = EvalPlan.from_recipe(
+            recipe, num_videos=args.num_videos,
+            steps=[int(v) for v in _floats(args.steps)] if args.steps else None,
+            guidance=_floats(args.guidance) if args.guidance is not None else None,
+            aug=_floats(args.aug) if args.aug is not None else None,
+            metrics=args.metrics.split(",") if args.metrics else None,
+            stages=args.stages.split(",") if args.stages else None,
+            modes=args.modes.split(",") if args.modes else None,
+            batch_size=args.batch_size, seed=args.seed)
+        unknown = [m for m in plan.metrics if m not in ("fvd", "clipsim", "probes")]
+        if unknown:
+            raise ValueError(f"--metrics: {', '.join(unknown)} unknown; metrics are fvd, clipsim, probes")
+        out = args.out or Path(recipe.run_dir or f"runs/{recipe.name}") / "eval" / args.checkpoints.name
+        report = evaluate(recipe, args.checkpoints, out, plan)
+    except (FileNotFoundError, ValueError) as error:
+        if isinstance(error, RecipeError):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print((out / "eval.md").read_text())
+    print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and {len(report['plots'])} plots "
+          f"({report['seconds']:.0f} s)")
+    return 0

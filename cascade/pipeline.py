@@ -1,0 +1,236 @@
+"""A recipe's job graph: data -> embedding cache -> training of every stage -> distillation -> evaluation -> report.
+
+One definition serves `cascade run` (every node in order on this machine) and `cascade slurm` (a job per node,
+dependencies between them). A node is complete when its outputs exist; outputs are written last and atomically,
+so a node interrupted halfway is rerun (and itself resumes from its checkpoints) while a complete one is skipped.
+
+Nodes (RUN = the run folder, runs/NAME unless the recipe sets run_dir):
+
+- ``data``: the synthetic dataset (when the recipe says so) and the tiny text encoder (``text_encoder.build_tiny``);
+- ``embed``: the T5 embedding cache of the dataset's captions, in ``parts`` slices (an array job on a cluster);
+- ``train/STAGE``: train the stage, then export its EMA weights to RUN/teachers/STAGE.safetensors;
+- ``distill/STAGE``: guidance + progressive distillation of that teacher to RUN/distilled/STAGE.safetensors;
+- ``eval/teachers``, ``eval/distilled``: `cascade eval` of both cascades (RUN/eval/...);
+- ``report``: samples for held-out captions and RUN/report.md with every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cascade.recipe import Recipe, load_recipe
+
+__all__ = ["Node", "job_graph", "run_node", "run_graph", "run_command", "run_root"]
+
+
+def run_root(recipe: Recipe) -> Path:
+    return Path(recipe.run_dir or f"runs/{recipe.name}")
+
+
+@dataclass
+class Node:
+    name: str
+    after: list[str]
+    outputs: list[Path]
+    stage: str | None = None  # resources come from this stage's launch section (training, distillation)
+    parts: int = 1  # independent slices (an array job on a cluster)
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def complete(self) -> bool:
+        return all(p.exists() for p in self.outputs)
+
+
+def embedding_folder(recipe: Recipe) -> Path:
+    from cascade.recipe.build import dataset_folder
+
+    return Path(recipe.data.embeddings or Path(dataset_folder(recipe)) / "embeddings")
+
+
+def job_graph(recipe: Recipe, stages: list[str] | None = None, embed_parts: int = 1) -> list[Node]:
+    """The recipe's nodes in an order that respects their dependencies. `stages` restricts training and
+    distillation (evaluation and the report need every stage, so they are left out then)."""
+    from cascade.data.shards import MANIFEST
+    from cascade.recipe.build import dataset_folder
+
+    run = run_root(recipe)
+    names = [s.name for s in recipe.stages]
+    chosen = names if stages is None else stages
+    unknown = [s for s in chosen if s not in names]
+    if unknown:
+        raise ValueError(f"--stages: no stage named {', '.join(unknown)}; stages are {', '.join(names)}")
+    data_outputs = [Path(dataset_folder(recipe)) / MANIFEST]
+    if recipe.text_encoder.build_tiny:
+        data_outputs.append(Path(recipe.text_encoder.path) / "config.json")
+    cache = embedding_folder(recipe)
+    nodes = [
+        Node("data", [], data_outputs, description="dataset and text encoder"),
+        Node("embed", ["data"], [cache / f"part-{p:05d}-of-{embed_parts:05d}.safetensors" for p in range(embed_parts)],
+             parts=embed_parts, description="T5 embedding cache"),
+    ]
+    for name in chosen:
+        nodes.append(Node(f"train/{name}", ["embed"], [run / "teachers" / f"{name}.safetensors"], stage=name,
+                          description=f"train {name}, export its EMA weights"))
+    for name in chosen:
+        nodes.append(Node(f"distill/{name}", [f"train/{name}"], [run / "distilled" / f"{name}.safetensors"],
+                          stage=name, description=f"distill {name}"))
+    if stages is None or set(stages) == set(names):
+        nodes.append(Node("eval/teachers", [f"train/{n}" for n in names], [run / "eval" / "teachers" / "eval.json"],
+                          description="evaluate the trained cascade"))
+        nodes.append(Node("eval/distilled", [f"distill/{n}" for n in names],
+                          [run / "eval" / "distilled" / "eval.json"], description="evaluate the distilled cascade"))
+        nodes.append(Node("report", ["eval/teachers", "eval/distilled"], [run / "report.md"],
+                          description="samples for held-out captions, report"))
+    return nodes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The nodes
+# --------------------------------------------------------------------------------------------------------------
+def _data(recipe: Recipe) -> None:
+    from cascade.lit.train import ensure_dataset
+    from cascade.recipe.build import dataset_folder
+
+    ensure_dataset(recipe)
+    te = recipe.text_encoder
+    if te.build_tiny and not (Path(te.path) / "config.json").is_file():
+        from cascade.data.embed import iter_captions
+        from cascade.nn.text import build_tiny_t5
+
+        captions = list(iter_captions(dataset_folder(recipe)))
+        build_tiny_t5(te.path, captions, dim=te.dim)
+        print(f"built a tiny random T5 (dim {te.dim}) at {te.path}, tokenizer trained on {len(captions)} captions",
+              flush=True)
+
+
+def _embed(recipe: Recipe, part: int, parts: int) -> None:
+    from cascade.data.embed import embed_shards
+    from cascade.recipe.build import dataset_folder
+
+    te = recipe.text_encoder
+    embed_shards(dataset_folder(recipe), te.path, max_tokens=te.max_tokens, dtype=te.dtype,
+                 out=embedding_folder(recipe), part=part, parts=parts)
+
+
+def _train(recipe: Recipe, name: str, out: Path) -> None:
+    from cascade.lit.train import export, resume_checkpoint, train
+
+    captured = {}
+    folder = train(recipe, name, module_hook=lambda module: captured.setdefault("module", module))
+    steps, wanted = captured["module"].global_step, recipe.stage(name).train.max_steps
+    if steps < wanted:  # stopped by a signal: the checkpoint is saved, the node is not complete
+        raise SystemExit(f"train/{name} stopped at step {steps} of {wanted}; rerun to resume")
+    tmp = out.with_name(out.name + ".tmp")
+    export(resume_checkpoint(folder), tmp)
+    os.replace(tmp, out)
+
+
+def _distill(recipe: Recipe, name: str) -> None:
+    from cascade.lit.distill import distill
+
+    distill(recipe, name, teacher=run_root(recipe) / "teachers" / f"{name}.safetensors")
+
+
+def _eval(recipe: Recipe, which: str) -> None:
+    from cascade.eval.runner import EvalPlan, evaluate
+
+    run = run_root(recipe)
+    out = run / "eval" / which
+    evaluate(recipe, run / which, out, EvalPlan.from_recipe(recipe))
+
+
+def run_node(recipe: Recipe, node: Node, part: int | None = None) -> None:
+    """Run one node (one part of it when `part` is given)."""
+    kind, _, name = node.name.partition("/")
+    if kind == "data":
+        _data(recipe)
+    elif kind == "embed":
+        for p in range(node.parts) if part is None else [part]:
+            _embed(recipe, p, node.parts)
+    elif kind == "train":
+        _train(recipe, name, node.outputs[0])
+    elif kind == "distill":
+        _distill(recipe, name)
+    elif kind == "eval":
+        _eval(recipe, name)
+    elif kind == "report":
+        from cascade.report import write_report
+
+        write_report(recipe, run_root(recipe))
+    else:
+        raise ValueError(f"no node named {node.name!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running the graph here
+# --------------------------------------------------------------------------------------------------------------
+def _record(path: Path, name: str, entry: dict) -> None:
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record[name] = entry
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def run_graph(recipe: Recipe, nodes: list[Node], force: list[str] = ()) -> dict:
+    """Run the incomplete nodes in order; complete ones are skipped. Wall time per node goes to RUN/graph.json
+    (a skipped node keeps the time it took when it ran)."""
+    run = run_root(recipe)
+    run.mkdir(parents=True, exist_ok=True)
+    record_path = run / "graph.json"
+    total = time.perf_counter()
+    for index, node in enumerate(nodes, 1):
+        head = f"[{index}/{len(nodes)}] {node.name}"
+        if node.complete() and node.name not in force:
+            print(f"{head}: complete, skipped", flush=True)
+            continue
+        print(f"{head}: {node.description}", flush=True)
+        start = time.perf_counter()
+        run_node(recipe, node)
+        missing = [str(p) for p in node.outputs if not p.exists()]
+        if missing:
+            raise RuntimeError(f"{node.name} finished without writing {', '.join(missing)}")
+        seconds = time.perf_counter() - start
+        _record(record_path, node.name, dict(seconds=round(seconds, 2), finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
+        print(f"{head}: done in {seconds:.0f} s", flush=True)
+    print(f"graph done in {time.perf_counter() - total:.0f} s; run folder {run}", flush=True)
+    return json.loads(record_path.read_text()) if record_path.is_file() else {}
+
+
+def run_command(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        nodes = job_graph(recipe, args.stages.split(",") if args.stages else None)
+        if args.list:
+            for node in nodes:
+                state = "complete" if node.complete() else "to do"
+                print(f"{node.name:24s} {state:9s} after: {', '.join(node.after) or '-'}")
+            return 0
+        run_graph(recipe, nodes, force=args.force or [])
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    report = run_root(recipe) / "report.md"
+    if report.is_file():
+        print(f"report: {report}")
+    return 0
+
+
+def step_command(args) -> int:
+    """`cascade step RECIPE NODE`: one node of the graph (what a cluster job runs)."""
+    recipe = load_recipe(args.recipe, args.overrides)
+    nodes = {n.name: n for n in job_graph(recipe, embed_parts=args.parts)}
+    if args.node not in nodes:
+        print(f"error: no node {args.node!r}; nodes are {', '.join(nodes)}", file=sys.stderr)
+        return 2
+    node = nodes[args.node]
+    if node.complete():
+        print(f"{node.name}: complete, skipped")
+        return 0
+    run_node(recipe, node, part=args.part)
+    return 0

@@ -1,0 +1,134 @@
+"""The run report (RUN/report.md): what the job graph produced, with the figures that say whether it learned.
+
+Reads RUN/graph.json (wall time per node), RUN/eval/{teachers,distilled}/eval.json, samples a few held-out captions
+through both cascades (gifs under RUN/report/) and writes one markdown file that links the plots and the gifs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cascade.recipe import Recipe
+
+__all__ = ["write_report", "final_scores", "report_captions"]
+
+FIELDS = ("color", "shape", "direction", "background")
+
+
+def final_scores(report: dict, stage: str) -> dict | None:
+    """The recipe-setting row of `stage` with generated inputs (the whole cascade), or text-only for a base."""
+    for row in report["rows"]:
+        if row["stage"] == stage and row["mode"] in ("cascade", "text") and len(row["axes"]) == 3:
+            return row
+    return None
+
+
+def report_captions(recipe: Recipe, count: int) -> list[str]:
+    """Captions for the report's samples: one per held-out combination (synthetic data), in a fixed order."""
+    if recipe.data.kind != "synthetic":
+        return []
+    from cascade.data.synthetic import HELD_OUT, sample_scene
+
+    found: dict[tuple, str] = {}
+    rng = np.random.default_rng(12345)
+    while len(found) < min(count, len(HELD_OUT)):
+        scene = sample_scene(rng, "heldout")
+        found.setdefault(scene.combo, scene.caption)
+    return [found[c] for c in HELD_OUT if c in found][:count]
+
+
+def _fmt(value, percent: bool = False) -> str:
+    if value is None:
+        return "–"
+    if percent:
+        return f"{100 * value:.1f} %"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def write_report(recipe: Recipe, run: Path, samples: int = 4) -> Path:
+    from cascade.demo import run_sampling
+
+    last = recipe.stages[-1].name
+    graph = json.loads((run / "graph.json").read_text()) if (run / "graph.json").is_file() else {}
+    evals = {}
+    for which in ("teachers", "distilled"):
+        path = run / "eval" / which / "eval.json"
+        if path.is_file():
+            evals[which] = json.loads(path.read_text())
+    lines = [f"# Run report: `{recipe.name}`", ""]
+    summary = {}
+
+    # The cascade's final output for held-out captions, teacher against distilled.
+    if evals:
+        first = next(iter(evals.values()))
+        lines += [f"Final stage `{last}` ({recipe.stages[-1].frames} frames, {recipe.stages[-1].width}x"
+                  f"{recipe.stages[-1].height} at {recipe.stages[-1].fps:g} fps), {first['data']['videos']} videos "
+                  f"of {first['data']['what']}, every stage fed the previous stage's samples.", "",
+                  "| cascade | steps per stage | NFE per video | sampling s per video | "
+                  + " | ".join(f"probe {f}" for f in FIELDS) + " |", "|---|---|---|---|" + "---|" * len(FIELDS)]
+        gt = first["ground_truth"].get(last, {}).get("probes", {})
+        for which, report in evals.items():
+            rows = {r["stage"]: final_scores(report, r["stage"]) for r in report["rows"]}
+            chain = [rows.get(s.name) for s in recipe.stages]
+            if any(r is None for r in chain):
+                continue
+            nfe = sum(r["nfe_per_video"] for r in chain)
+            seconds = sum(r["seconds"] for r in chain) / report["data"]["videos"]
+            probes = chain[-1].get("probes", {})
+            summary[which] = dict(probes=probes, nfe_per_video=nfe, seconds_per_video=seconds,
+                                  steps={r["stage"]: r["steps"] for r in chain},
+                                  fvd=chain[-1].get("fvd"))
+            steps = ", ".join(str(r["steps"]) for r in chain)
+            lines.append(f"| {which} | {steps} | {nfe} | {seconds:.2f} | "
+                         + " | ".join(_fmt(probes.get(f), True) for f in FIELDS) + " |")
+        if gt:
+            lines.append("| ground truth | – | – | – | " + " | ".join(_fmt(gt.get(f), True) for f in FIELDS) + " |")
+        if "teachers" in summary and "distilled" in summary:
+            t, d = summary["teachers"]["probes"], summary["distilled"]["probes"]
+            kept = {f: d[f] / t[f] for f in FIELDS if t.get(f) and d.get(f) is not None}
+            summary["distilled_keeps"] = kept
+            lines += ["", "Distilled / teacher: " + ", ".join(f"{f} {100 * v:.0f} %" for f, v in kept.items()) + "."]
+        if any(s.get("fvd") is not None for s in summary.values() if isinstance(s, dict) and "probes" in s):
+            lines += ["", "FVD of the final stage: " + ", ".join(
+                f"{w} {_fmt(s['fvd'])}" for w, s in summary.items() if isinstance(s, dict) and s.get("fvd") is not None)
+                + " (few videos: a coarse figure)."]
+        lines.append("")
+        for which in evals:
+            lines.append(f"Every stage and setting: [eval/{which}/eval.md](eval/{which}/eval.md).")
+            for plot in evals[which].get("plots", []):
+                rel = Path(plot).resolve().relative_to(run.resolve()) if Path(plot).resolve().is_relative_to(
+                    run.resolve()) else Path(plot)
+                lines.append(f"![{which} {rel.stem}]({rel.as_posix()})")
+        lines.append("")
+
+    # Samples for held-out captions.
+    captions = report_captions(recipe, samples)
+    if captions and evals:
+        lines += ["## Samples for held-out captions", "", "| caption | " + " | ".join(evals) + " |",
+                  "|---|" + "---|" * len(evals)]
+        outputs = {}
+        for which in evals:
+            out = run / "report" / which / "sample.gif"
+            result = run_sampling(recipe, captions, out, checkpoints=run / which, batch_size=len(captions))
+            outputs[which] = [Path(o["video"]) for o in result["outputs"]]
+        for i, caption in enumerate(captions):
+            cells = [f"![{w}]({outputs[w][i].resolve().relative_to(run.resolve()).as_posix()})" for w in evals]
+            lines.append(f"| {caption} | " + " | ".join(cells) + " |")
+        summary["samples"] = {w: [str(p) for p in paths] for w, paths in outputs.items()}
+        lines.append("")
+
+    # Wall time of the graph.
+    if graph:
+        lines += ["## Wall time per node", "", "| node | seconds |", "|---|---|"]
+        lines += [f"| {name} | {entry['seconds']:.0f} |" for name, entry in graph.items()]
+        lines += [f"| **total** | {sum(e['seconds'] for e in graph.values()):.0f} |", ""]
+        summary["graph_seconds"] = {name: entry["seconds"] for name, entry in graph.items()}
+    (run / "report.json").write_text(json.dumps(summary, indent=2))
+    path = run / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
