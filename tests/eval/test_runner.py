@@ -1,0 +1,110 @@
+"""`cascade eval`: the sweep plan, the evaluation set, and a real run on the tiny recipe (random-init weights)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cascade.cli import main
+from cascade.eval.runner import AXES, EvalPlan, eval_folder, load_examples, settings_grid
+from cascade.recipe import load_recipe
+from cascade.recipe.build import build_unet, clip_spec
+
+TINY = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
+
+
+def test_settings_grid_varies_one_axis_at_a_time():
+    recipe = load_recipe(TINY, ["stages.tsr1.sampler.steps=16", "stages.tsr1.guidance.weight=1.0",
+                                "stages.tsr1.augmentation.sample_logsnr=1.6"])
+    plan = EvalPlan.from_recipe(recipe, steps=[4, 16], guidance=[0.0, 1.0, 3.0], aug=[1.1, 1.6])
+    grid = settings_grid(recipe.stage("tsr1"), plan)
+    keys = [(g["steps"], g["guidance"], g["aug"]) for g in grid]
+    assert len(keys) == len(set(keys))  # the recipe's setting appears once, in every axis
+    assert keys[0] == (16, 1.0, 1.6) and grid[0]["axes"] == list(AXES)
+    assert set(keys) == {(16, 1.0, 1.6), (4, 1.0, 1.6), (16, 0.0, 1.6), (16, 3.0, 1.6), (16, 1.0, 1.1)}
+    assert [g["axes"] for g in grid if (g["steps"], g["guidance"], g["aug"]) == (4, 1.0, 1.6)] == [["steps"]]
+    # A base stage has no augmentation axis; a distilled student keeps its step count.
+    base = settings_grid(recipe.stage("base"), plan, fixed_steps=4)
+    assert {g["steps"] for g in base} == {4} and all(g["aug"] is None for g in base)
+
+
+def test_plan_rejects_unknown_stages_and_modes():
+    recipe = load_recipe(TINY)
+    with pytest.raises(ValueError, match="no stage named nope"):
+        EvalPlan.from_recipe(recipe, stages=["base", "nope"])
+    with pytest.raises(ValueError, match="modes"):
+        EvalPlan.from_recipe(recipe, modes=["gt", "sideways"])
+
+
+def test_eval_folder_is_a_held_out_split_and_examples_match_the_stage(tmp_path):
+    recipe = load_recipe(TINY, [f"data.root={tmp_path / 'data'}"])
+    folder, what = eval_folder(recipe, 3)
+    assert folder == tmp_path / "data-heldout" and "held-out" in what
+    again, _ = eval_folder(recipe, 2)  # big enough: reused
+    assert again == folder
+    from cascade.data.synthetic import HELD_OUT
+    from cascade.eval.probes import parse_caption
+
+    examples = load_examples(folder, clip_spec(recipe.stage("ssr1"), recipe), 3)
+    assert examples["video"].shape == (3, 3, 8, 16, 16) and examples["video"].dtype == torch.uint8
+    assert examples["cond"].shape == (3, 3, 8, 8, 8)
+    for caption in examples["captions"]:
+        p = parse_caption(caption)
+        assert (p["color"], p["shape"], p["direction"], p["background"]) in HELD_OUT
+    with pytest.raises(ValueError, match="usable videos"):
+        load_examples(folder, clip_spec(recipe.stage("base"), recipe), 50)
+
+
+@pytest.fixture(scope="module")
+def random_cascade(tmp_path_factory, tiny_t5):
+    """Random-init weights for every stage of the tiny recipe, exported like trained ones."""
+    root = tmp_path_factory.mktemp("random-cascade")
+    recipe = load_recipe(TINY, [f"text_encoder.path={tiny_t5}"])
+    (root / "weights").mkdir()
+    for stage in recipe.stages:
+        torch.manual_seed(0)
+        state = {k: v.contiguous() for k, v in build_unet(stage, recipe).state_dict().items()}
+        save_file(state, str(root / "weights" / f"{stage.name}.safetensors"))
+    return root
+
+
+def test_cascade_eval_writes_json_table_and_plots(random_cascade, tiny_t5, tmp_path):
+    out = tmp_path / "eval"
+    args = ["eval", str(TINY), "--checkpoints", str(random_cascade / "weights"), "--num-videos", "2",
+            "--steps", "2,4", "--guidance", "0,2", "--aug", "3", "--batch-size", "2", "--metrics", "probes",
+            "--stages", "base,tsr1,ssr1", "--out", str(out), f"text_encoder.path={tiny_t5}",
+            f"data.root={tmp_path / 'data'}"] + [f"stages.{s}.sampler.steps=4" for s in ("base", "tsr1", "ssr1")]
+    assert main(args) == 0
+    report = json.loads((out / "eval.json").read_text())
+    rows = report["rows"]
+    # base: text only; tsr1/ssr1: ground-truth and generated inputs; one axis at a time around the recipe's setting.
+    assert {r["mode"] for r in rows if r["stage"] == "base"} == {"text"}
+    assert {r["mode"] for r in rows if r["stage"] == "ssr1"} == {"gt", "cascade"}
+    base_rows = [(r["steps"], r["guidance"]) for r in rows if r["stage"] == "base"]
+    assert sorted(base_rows) == sorted({(4, 3.0), (2, 3.0), (4, 0.0), (4, 2.0)})
+    assert {r["aug"] for r in rows if r["stage"] == "tsr1"} == {1.6, 3.0}
+    for r in rows:  # NFE per video: one pass per step, two with classifier-free guidance (w = 0: conditional only)
+        assert r["nfe_per_video"] == r["steps"] * (1 if r["guidance"] == 0.0 else 2)
+        assert set(r["probes"]) == {"color", "shape", "direction", "background"}
+    # Ground truth is scored too (the probes' ceiling): at 16x16 the renders are read exactly.
+    assert report["ground_truth"]["ssr1"]["probes"]["color"] == 1.0
+    table = (out / "eval.md").read_text()
+    assert "| ssr1 | cascade |" in table and "probe color" in table
+    for axis in ("steps", "guidance", "aug"):
+        png = out / f"{axis}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in report["plots"]
+    assert list((out / "samples").glob("ssr1_cascade_*.gif"))
+
+
+def test_cascade_eval_errors_name_the_problem(random_cascade, tiny_t5, tmp_path, capsys):
+    base = ["eval", str(TINY), "--checkpoints", str(random_cascade / "weights"), "--out", str(tmp_path / "e"),
+            f"text_encoder.path={tiny_t5}", f"data.root={tmp_path / 'data'}"]
+    assert main(base + ["--stages", "base,nope"]) == 2
+    assert "no stage named nope" in capsys.readouterr().err
+    assert main(base + ["--metrics", "fid"]) == 2
+    assert "fid unknown" in capsys.readouterr().err
+    assert main(["eval", str(TINY), "--checkpoints", str(tmp_path / "missing"), f"text_encoder.path={tiny_t5}",
+                 f"data.root={tmp_path / 'data'}", "--out", str(tmp_path / "e")]) == 2
+    assert "no weights for stage base" in capsys.readouterr().err

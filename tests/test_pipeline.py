@@ -1,0 +1,77 @@
+"""The job graph behind `cascade run` (and `cascade slurm`): its nodes, dependencies, and skip-if-complete."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cascade import pipeline
+from cascade.cli import main
+from cascade.pipeline import job_graph, run_graph
+from cascade.recipe import load_recipe
+
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+STAGES = ["base", "tsr1", "ssr1", "ssr2", "tsr2", "tsr3", "ssr3"]
+
+
+def _recipe(tmp_path, *extra):
+    return load_recipe(TINY, [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
+                              f"text_encoder.path={tmp_path / 't5'}", *extra])
+
+
+def test_graph_nodes_and_dependencies(tmp_path):
+    recipe = _recipe(tmp_path)
+    nodes = {n.name: n for n in job_graph(recipe, embed_parts=3)}
+    assert list(nodes) == ["data", "embed", *[f"train/{s}" for s in STAGES], *[f"distill/{s}" for s in STAGES],
+                           "eval/teachers", "eval/distilled", "report"]
+    assert nodes["embed"].after == ["data"] and nodes["embed"].parts == 3 and len(nodes["embed"].outputs) == 3
+    assert all(nodes[f"train/{s}"].after == ["embed"] for s in STAGES)  # stages train independently
+    assert nodes["distill/tsr2"].after == ["train/tsr2"] and nodes["distill/tsr2"].stage == "tsr2"
+    assert nodes["eval/distilled"].after == [f"distill/{s}" for s in STAGES]
+    assert nodes["train/ssr1"].outputs == [tmp_path / "run" / "teachers" / "ssr1.safetensors"]
+    assert nodes["data"].outputs == [tmp_path / "data" / "manifest.json", tmp_path / "t5" / "config.json"]
+    # Some stages only: no evaluation or report (they need every stage).
+    assert [n.name for n in job_graph(recipe, ["base"])] == ["data", "embed", "train/base", "distill/base"]
+    with pytest.raises(ValueError, match="no stage named ssr9"):
+        job_graph(recipe, ["ssr9"])
+
+
+def test_run_graph_skips_complete_nodes_and_records_time(tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path)
+    nodes = job_graph(recipe)
+    ran = []
+
+    def fake_run_node(recipe, node, part=None):
+        ran.append(node.name)
+        for path in node.outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("x")
+
+    monkeypatch.setattr(pipeline, "run_node", fake_run_node)
+    run_graph(recipe, nodes)
+    assert ran == [n.name for n in nodes]
+    record = json.loads((tmp_path / "run" / "graph.json").read_text())
+    assert set(record) == set(ran) and all(e["seconds"] >= 0 for e in record.values())
+    ran.clear()
+    run_graph(recipe, nodes)  # everything complete: nothing runs
+    assert ran == []
+    (tmp_path / "run" / "distilled" / "tsr1.safetensors").unlink()  # one output lost: only its node reruns
+    run_graph(recipe, nodes, force=["report"])
+    assert ran == ["distill/tsr1", "report"]
+
+
+def test_a_node_that_writes_nothing_is_an_error(tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path)
+    monkeypatch.setattr(pipeline, "run_node", lambda recipe, node, part=None: None)
+    with pytest.raises(RuntimeError, match="data finished without writing"):
+        run_graph(recipe, job_graph(recipe))
+
+
+def test_run_list_and_step_errors(tmp_path, capsys):
+    args = [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", f"text_encoder.path={tmp_path / 't5'}"]
+    assert main(["run", str(TINY), "--list", *args]) == 0
+    out = capsys.readouterr().out
+    assert "train/ssr3" in out and "to do" in out and "after: train/ssr3" in out
+    assert main(["step", str(TINY), "train/nope", *args]) == 2
+    assert "no node 'train/nope'" in capsys.readouterr().err
+    assert main(["run", str(TINY), "--stages", "base,ssr9", *args]) == 2
