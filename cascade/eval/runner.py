@@ -195,7 +195,7 @@ class Metrics:
             else:
                 from cascade.eval.clipsim import CLIPSim
 
-                self._clip = CLIPSim(recipe.eval.clip_path, batch_size=plan.batch_size)
+                self._clip = CLIPSim(recipe.eval.clip_path)
 
     def wants(self, name: str) -> bool:
         return name in self.plan.metrics and name not in self.skipped
