@@ -186,8 +186,8 @@ class Metrics:
                 from cascade.eval.fvd import FVDProtocol, I3DFeatures
 
                 self.protocol = FVDProtocol(frames=recipe.eval.frames)
-                self._i3d = I3DFeatures(batch_size=plan.batch_size)
-            except FileNotFoundError as error:
+                self._i3d = I3DFeatures(self.protocol, batch_size=plan.batch_size)
+            except (FileNotFoundError, ValueError) as error:
                 self.skipped["fvd"] = str(error)
         if "clipsim" in plan.metrics:
             if recipe.eval.clip_path is None:
@@ -510,7 +510,7 @@ def eval_command(args) -> int:
     try:
         plan = EvalPlan.from_recipe(
             recipe, num_videos=args.num_videos,
-            steps=[int(v) for v in _floats(args.steps)] if args.steps else None,
+            steps=[int(v) for v in _floats(args.steps)] if args.steps is not None else None,
             guidance=_floats(args.guidance) if args.guidance is not None else None,
             aug=_floats(args.aug) if args.aug is not None else None,
             metrics=args.metrics.split(",") if args.metrics else None,

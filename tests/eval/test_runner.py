@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -108,3 +109,32 @@ def test_cascade_eval_errors_name_the_problem(random_cascade, tiny_t5, tmp_path,
     assert main(["eval", str(TINY), "--checkpoints", str(tmp_path / "missing"), f"text_encoder.path={tiny_t5}",
                  f"data.root={tmp_path / 'data'}", "--out", str(tmp_path / "e")]) == 2
     assert "no weights for stage base" in capsys.readouterr().err
+
+
+def test_cascade_eval_fvd_and_clipsim(random_cascade, tiny_t5, tmp_path):
+    """FVD (real I3D weights, reference statistics cached) and CLIPSIM (tiny random CLIP) through `cascade eval`."""
+    from cascade.eval.clipsim import build_tiny_clip
+    from cascade.eval.i3d import find_i3d_weights
+
+    try:
+        find_i3d_weights()
+    except FileNotFoundError as error:
+        pytest.skip(f"I3D weights absent: {error}")
+    clip = build_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "eval"
+    args = ["eval", str(TINY), "--checkpoints", str(random_cascade / "weights"), "--num-videos", "2",
+            "--steps", "", "--guidance", "", "--aug", "", "--batch-size", "2", "--metrics", "fvd,clipsim,probes",
+            "--stages", "tsr2,ssr1", "--modes", "gt", "--out", str(out), f"text_encoder.path={tiny_t5}",
+            f"data.root={tmp_path / 'data'}", f"eval.clip_path={clip}", "stages.tsr2.sampler.steps=2",
+            "stages.ssr1.sampler.steps=2"]
+    assert main(args) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["metrics"]["fvd_protocol"]["frames"] == 16 and "tiny random CLIP" in report["metrics"]["clip_model"]
+    tsr2 = [r for r in report["rows"] if r["stage"] == "tsr2"]
+    ssr1 = [r for r in report["rows"] if r["stage"] == "ssr1"]
+    assert tsr2 and all(np.isfinite(r["fvd"]) and r["fvd"] > 0 for r in tsr2)  # random weights: far from the data
+    assert all("fvd" not in r and "16" in r["fvd_skipped"] for r in ssr1)  # 8 frames: no FVD, and it says why
+    for r in tsr2 + ssr1:
+        assert r["clipsim"]["score"] == pytest.approx(100 * r["clipsim"]["cosine"])
+    assert list((out / "cache").glob("fvd-reference-*.npz"))  # the ground truth's statistics, cached
+    assert "FVD" in (out / "eval.md").read_text() and "CLIPSIM x100" in (out / "eval.md").read_text()
