@@ -144,6 +144,26 @@ def add_data_parsers(sub) -> None:
     p.set_defaults(func=_lazy("cascade.data.embed", "embed_command"))
 
 
+def add_slurm_parsers(sub) -> None:
+    slurm = sub.add_parser("slurm", help="the recipe's job graph as SLURM jobs: submit, status").add_subparsers(
+        dest="slurm_command", required=True)
+
+    p = slurm.add_parser("submit", help="render the sbatch scripts into RUN/slurm and submit the incomplete nodes "
+                         "with afterok dependencies (rerun to continue: complete or queued nodes are skipped)")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, carried into every job, e.g. "
+                   "stages.base.launch.nodes=2 cluster.partition=gpu")
+    p.add_argument("--stages", help="comma-separated stages to train and distill (default: all, then eval + report)")
+    p.add_argument("--embed-parts", type=int, default=1, help="slices of the embedding cache (an array job)")
+    p.add_argument("--dry-run", action="store_true", help="print the scripts and the graph, submit nothing")
+    p.set_defaults(func=_lazy("cascade.slurm", "submit_command"))
+
+    p = slurm.add_parser("status", help="each node of a submitted graph: job id, state, outputs, starts")
+    p.add_argument("run", type=Path, help="the run folder (runs/NAME unless the recipe sets run_dir)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_lazy("cascade.slurm", "status_command"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade", description="Train, distill, sample and evaluate cascaded "
                                      "text-to-video diffusion models from one recipe file.")
@@ -210,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", type=int, help="the slice of an array node (embed)")
     p.add_argument("--parts", type=int, default=1, help="slices of the embed node")
     p.set_defaults(func=_lazy("cascade.pipeline", "step_command"))
+
+    add_slurm_parsers(sub)
 
     p = sub.add_parser("eval", help="evaluate every stage (ground-truth and generated inputs), swept over steps, "
                        "guidance and augmentation: JSON, markdown table, plots")

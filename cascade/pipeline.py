@@ -125,6 +125,8 @@ def _train(recipe: Recipe, name: str, out: Path) -> None:
     steps, wanted = captured["module"].global_step, recipe.stage(name).train.max_steps
     if steps < wanted:  # stopped by a signal: the checkpoint is saved, the node is not complete
         raise SystemExit(f"train/{name} stopped at step {steps} of {wanted}; rerun to resume")
+    if not captured["module"].trainer.is_global_zero:  # rank 0 exports; the other ranks are done
+        return
     tmp = out.with_name(out.name + ".tmp")
     export(resume_checkpoint(folder), tmp)
     os.replace(tmp, out)
@@ -222,15 +224,30 @@ def run_command(args) -> int:
 
 
 def step_command(args) -> int:
-    """`cascade step RECIPE NODE`: one node of the graph (what a cluster job runs)."""
+    """`cascade step RECIPE NODE`: one node of the graph (what a cluster job runs). With --part, one slice of an array
+    node, complete when its own output exists. Under SLURM, every start is recorded (RUN/slurm/attempts) and a job
+    requeued again and again without progress stops with an error (exit 3)."""
     recipe = load_recipe(args.recipe, args.overrides)
     nodes = {n.name: n for n in job_graph(recipe, embed_parts=args.parts)}
     if args.node not in nodes:
         print(f"error: no node {args.node!r}; nodes are {', '.join(nodes)}", file=sys.stderr)
         return 2
     node = nodes[args.node]
-    if node.complete():
-        print(f"{node.name}: complete, skipped")
+    if args.part is not None and not 0 <= args.part < node.parts:
+        print(f"error: --part {args.part} is not one of the {node.parts} part(s) of {node.name} (--parts)",
+              file=sys.stderr)
+        return 2
+    outputs = node.outputs if args.part is None or node.parts == 1 else [node.outputs[args.part]]
+    if all(p.exists() for p in outputs):
+        print(f"{node.name}{'' if args.part is None else f' part {args.part}'}: complete, skipped")
         return 0
+    if os.environ.get("SLURM_PROCID", "0") == "0":  # one record per start, by the first rank
+        from cascade.slurm import RequeueLoop, record_attempt
+
+        try:
+            record_attempt(recipe, node, args.part)
+        except RequeueLoop as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 3
     run_node(recipe, node, part=args.part)
     return 0

@@ -17,7 +17,7 @@ from cascade.data.loader import to_model_input
 from cascade.diffusion import Denoiser, NoiseAugmentation, drop_captions, sample_logsnr_train
 from cascade.diffusion.param import append_dims
 from cascade.diffusion.schedule import alpha_sigma
-from cascade.files import file_sha256
+from cascade.files import file_sha256, process_rank, wait_for
 from cascade.lit.randomness import StepRandomness
 from cascade.distill.targets import distillation_loss, guided_target, progressive_target, sample_student_levels
 from cascade.sampling.steps import time_grid
@@ -232,8 +232,11 @@ def distill(recipe, stage_name: str, teacher: str | Path | None = None, extra_ca
             trainer = _round(recipe, stage, folder, module, max_steps, lr, extra_callbacks)
             if trainer.global_step < max_steps:  # stopped by a signal: the round is not finished
                 raise SystemExit(0)
-            save_student(module.student, student_file, stage, recipe, steps=student_steps, guided=guided,
-                         w_range=w_range, lineage=lineage)
+            if trainer.is_global_zero:  # one writer; the other ranks read what it wrote
+                save_student(module.student, student_file, stage, recipe, steps=student_steps, guided=guided,
+                             w_range=w_range, lineage=lineage)
+            else:
+                wait_for(student_file)
         from safetensors.torch import load_file
 
         state = load_file(str(student_file))
@@ -242,8 +245,11 @@ def distill(recipe, stage_name: str, teacher: str | Path | None = None, extra_ca
                                   steps=student_steps)]
     final = run_folder(recipe, stage).parent / "distilled" / f"{stage.name}.safetensors"
     last_file = Path(lineage[-1]["path"])
-    final.parent.mkdir(parents=True, exist_ok=True)
-    final.write_bytes(last_file.read_bytes())
+    if process_rank() == 0:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(final.name + ".tmp")
+        tmp.write_bytes(last_file.read_bytes())
+        tmp.replace(final)
     return final
 
 

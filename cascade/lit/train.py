@@ -47,8 +47,13 @@ def environment() -> dict:
 
 
 def write_run_info(folder: Path, recipe: Recipe, stage: Stage) -> None:
-    """The resolved recipe, the git commit and the environment; a changed recipe on resume is reported."""
+    """The resolved recipe, the git commit and the environment; a changed recipe on resume is reported.
+    Written by rank 0 only."""
+    from cascade.files import process_rank
+
     folder.mkdir(parents=True, exist_ok=True)
+    if process_rank() != 0:
+        return
     resolved = recipe.model_dump(mode="json")
     path = folder / "recipe.yaml"
     if path.is_file():
