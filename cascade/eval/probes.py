@@ -76,7 +76,11 @@ def probe(video: np.ndarray) -> dict:
     delta = np.array(COLORS[color], dtype=np.float32) - bg
     alpha = np.clip((smooth - bg) @ delta / (delta @ delta), 0, 1) * _dilate(_dilate(mask))  # (T, H, W)
     area = alpha.sum(axis=(1, 2))  # (T,)
-    shown = np.flatnonzero(mask.sum(axis=(1, 2)) >= MIN_PIXELS)
+    # Frames showing the object: enough foreground pixels, and some of them in the detected color (a frame whose
+    # foreground is another color has zero coverage; generated videos can change color midway).
+    shown = np.flatnonzero((mask.sum(axis=(1, 2)) >= MIN_PIXELS) & (area > 1e-6))
+    if len(shown) == 0:
+        return result
     rows, cols = np.arange(alpha.shape[1]), np.arange(alpha.shape[2])
     cy = (alpha[shown].sum(axis=2) @ rows) / area[shown] + 0.5  # centroid in pixel units, (len(shown),)
     cx = (alpha[shown].sum(axis=1) @ cols) / area[shown] + 0.5

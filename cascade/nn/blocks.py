@@ -24,11 +24,13 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, h: Tensor, emb: Tensor) -> Tensor:  # h: (B*T, C, H, W); emb: (B, E)
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:  # h: (B*T, C, H, W); emb: (B, E) or per frame (B, T, E)
         x = self.conv1(F.silu(self.norm1(h)))
-        scale, shift = self.film(F.silu(emb)).chunk(2, dim=1)  # (B, C) each
+        scale, shift = self.film(F.silu(emb)).chunk(2, dim=-1)  # (B, C) or (B, T, C) each
+        if emb.ndim == 2:
+            scale, shift = scale[:, None], shift[:, None]
         x = self.norm2(x).unflatten(0, (emb.shape[0], -1))  # (B, T, C, H, W)
-        x = x * (1 + scale[:, None, :, None, None]) + shift[:, None, :, None, None]
+        x = x * (1 + scale[..., None, None]) + shift[..., None, None]
         x = self.conv2(self.dropout(F.silu(x.flatten(0, 1))))
         return self.skip(h) + x
 

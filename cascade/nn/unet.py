@@ -79,6 +79,7 @@ class VideoUNet(nn.Module):
         guidance_conditioning: bool = False,
         max_temporal_distance: int = 32,
         checkpointing: bool = False,
+        frame_time_conditioning: bool = False,
     ) -> None:
         super().__init__()
         levels = len(channel_mults)
@@ -97,6 +98,10 @@ class VideoUNet(nn.Module):
         self.aug_emb = ScalarEmbedding(emb_dim, scale=20.0) if aug_conditioning else None
         self.fps_emb = ScalarEmbedding(emb_dim, scale=4.0) if fps_conditioning else None  # on log(fps)
         self.guidance_emb = ScalarEmbedding(emb_dim, scale=10.0, zero_init=True) if guidance_conditioning else None
+        # Each frame's time in seconds from the clip's centre: the arrow of time. Without it a temporal attention
+        # whose relative-position bias is still symmetric cannot tell a clip from its reverse, so no caption word
+        # about motion direction can be learned.
+        self.frame_emb = ScalarEmbedding(emb_dim, scale=1.0) if frame_time_conditioning else None
         self.uses_text = any(cross)
         if self.uses_text:
             self.text_norm = nn.LayerNorm(text_dim)
@@ -180,6 +185,12 @@ class VideoUNet(nn.Module):
         logsnr = torch.as_tensor(logsnr, device=x.device, dtype=torch.float32)
         emb, context, context_mask = self._embed(logsnr, batch, text, text_mask, aug_logsnr, fps, guidance)
         gate = None if is_image is None else (~is_image.bool()).to(x.dtype)
+        if self.frame_emb is not None and frames > 1:
+            rate = torch.as_tensor(2.0 if fps is None else fps, device=x.device, dtype=torch.float32).expand(batch)
+            times = (torch.arange(frames, device=x.device, dtype=torch.float32) - (frames - 1) / 2) / rate[:, None]
+            if gate is not None:  # stills: no time
+                times = times * gate.to(times.dtype)[:, None]
+            emb = emb[:, None] + self.frame_emb(times.flatten()).unflatten(0, (batch, frames)).to(emb.dtype)
 
         h = self.stem(x.transpose(1, 2).flatten(0, 1))  # (B*T, C, H, W)
         skips = []

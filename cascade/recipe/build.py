@@ -17,6 +17,7 @@ def unet_kwargs(stage: Stage, text_dim: int) -> dict:
         temporal=tuple(u.temporal), head_dim=u.head_dim, text_dim=text_dim, context_dim=u.context_dim,
         dropout=u.dropout, fps_conditioning=True, aug_conditioning=stage.kind != "base",
         max_temporal_distance=u.max_temporal_distance, checkpointing=u.checkpointing,
+        frame_time_conditioning=u.frame_time,
     )
 
 

@@ -63,6 +63,10 @@ class UNet(Strict):
     """Relative temporal positions are clipped at this distance in the attention bias."""
     checkpointing: bool = False
     """Activation checkpointing per block: less memory, one more forward pass per step."""
+    frame_time: bool = False
+    """Add an embedding of each frame's time (seconds from the clip's centre) to that frame's conditioning: the
+    arrow of time, which temporal attention with a still-symmetric relative bias lacks (needed to learn captions
+    about motion direction)."""
 
     @model_validator(mode="after")
     def _per_level_lengths(self) -> UNet:

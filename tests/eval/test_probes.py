@@ -88,3 +88,16 @@ def test_parse_caption_rejects(text):
 def test_probe_accuracy_checks_lengths():
     with pytest.raises(ValueError):
         probe_accuracy([np.zeros((1, 8, 8, 3), np.uint8)], [])
+
+
+def test_a_frame_whose_foreground_changes_color_is_not_a_crash():
+    """Generated videos can switch color midway: a frame with foreground but zero coverage of the detected color."""
+    video = np.zeros((4, 16, 16, 3), np.uint8)
+    video[:3, 4:10, 4:10] = (255, 0, 0)
+    video[3, 4:10, 4:10] = (0, 255, 0)
+    result = probe(video)
+    assert result["color"] == "red" and result["shape"] == "square" and result["direction"] is None
+    video[:3] = 0  # only the green frame shows anything: still a result
+    video[3] = 0
+    video[3, 4:10, 4:10] = (0, 255, 0)
+    assert probe(video)["color"] == "green"

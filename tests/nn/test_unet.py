@@ -167,3 +167,30 @@ def test_missing_conditioning_is_a_clear_error():
         net(x, logsnr, **{k: v for k, v in kw.items() if k != "cond"})
     with pytest.raises(ValueError, match="aug_logsnr"):
         net(x, logsnr, **{k: v for k, v in kw.items() if k != "aug_logsnr"})
+
+
+@pytest.mark.parametrize("frame_time", [False, True])
+def test_frame_time_gives_the_network_the_arrow_of_time(frame_time):
+    """Temporal attention whose relative bias is symmetric (as initialised) cannot tell a clip from its reverse: the
+    network is exactly equivariant to reversing time, so no caption about motion direction can be learned.
+    Frame-time conditioning breaks that symmetry."""
+    from cascade.nn import VideoUNet
+
+    torch.manual_seed(0)
+    net = VideoUNet(channels=16, channel_mults=(1, 2), num_res_blocks=1, spatial_attention=False,
+                    cross_attention=(False, True), temporal="attention", head_dim=8, text_dim=12,
+                    frame_time_conditioning=frame_time).eval()
+    with torch.no_grad():  # wake the zero-initialised layers, keep the relative bias symmetric (zero)
+        for name, p in net.named_parameters():
+            if not name.endswith("temporal.bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    z = torch.randn(2, 3, 5, 8, 8)
+    cond = dict(text=torch.randn(2, 4, 12), text_mask=torch.ones(2, 4, dtype=torch.bool), fps=torch.full((2,), 4.0))
+    with torch.no_grad():
+        forward = net(z, torch.zeros(2), **cond)
+        backward = net(z.flip(2), torch.zeros(2), **cond).flip(2)
+    gap = (forward - backward).abs().max().item()
+    if frame_time:
+        assert gap > 1e-3
+    else:
+        assert gap < 1e-5
