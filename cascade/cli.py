@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help="comma-separated stages to train and distill (default: all, then eval + report)")
     p.add_argument("--force", action="append", metavar="NODE", help="rerun this node even if complete (repeatable)")
     p.add_argument("--list", action="store_true", help="print the graph and what is complete, run nothing")
+    p.add_argument("--jobs", type=int, default=1, help="independent nodes run at the same time, each its own "
+                   "process with the CPU threads shared out (default 1: in this process)")
     p.set_defaults(func=_lazy("cascade.pipeline", "run_command"))
 
     p = sub.add_parser("step", help="one node of the job graph, e.g. train/base (what a cluster job runs)")

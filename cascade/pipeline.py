@@ -179,29 +179,90 @@ def _record(path: Path, name: str, entry: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_graph(recipe: Recipe, nodes: list[Node], force: list[str] = ()) -> dict:
-    """Run the incomplete nodes in order; complete ones are skipped. Wall time per node goes to RUN/graph.json
-    (a skipped node keeps the time it took when it ran)."""
+def run_graph(recipe: Recipe, nodes: list[Node], force: list[str] = (), jobs: int = 1,
+              step_argv: list[str] | None = None) -> dict:
+    """Run the incomplete nodes in dependency order; complete ones are skipped. Wall time per node goes to
+    RUN/graph.json (a skipped node keeps the time it took when it ran).
+
+    jobs > 1 runs independent nodes (e.g. different stages' training) at the same time, each as its own process
+    `step_argv + [NODE]` (a `cascade step` command line) with the CPU threads shared out, its output in
+    RUN/logs/NODE.log. jobs = 1 runs every node in this process, with its progress bars."""
     run = run_root(recipe)
     run.mkdir(parents=True, exist_ok=True)
     record_path = run / "graph.json"
     total = time.perf_counter()
-    for index, node in enumerate(nodes, 1):
-        head = f"[{index}/{len(nodes)}] {node.name}"
-        if node.complete() and node.name not in force:
-            print(f"{head}: complete, skipped", flush=True)
-            continue
-        print(f"{head}: {node.description}", flush=True)
-        start = time.perf_counter()
-        run_node(recipe, node)
+    todo = [n for n in nodes if not n.complete() or n.name in force]
+    for node in nodes:
+        if node not in todo:
+            print(f"{node.name}: complete, skipped", flush=True)
+    finished = {n.name for n in nodes if n not in todo}
+
+    def check(node: Node, seconds: float) -> None:
         missing = [str(p) for p in node.outputs if not p.exists()]
         if missing:
             raise RuntimeError(f"{node.name} finished without writing {', '.join(missing)}")
-        seconds = time.perf_counter() - start
         _record(record_path, node.name, dict(seconds=round(seconds, 2), finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
-        print(f"{head}: done in {seconds:.0f} s", flush=True)
+        finished.add(node.name)
+
+    if jobs <= 1 or step_argv is None:
+        for index, node in enumerate(todo, 1):
+            head = f"[{index}/{len(todo)}] {node.name}"
+            print(f"{head}: {node.description}", flush=True)
+            start = time.perf_counter()
+            run_node(recipe, node)
+            check(node, time.perf_counter() - start)
+            print(f"{head}: done in {time.perf_counter() - start:.0f} s", flush=True)
+    else:
+        _run_parallel(todo, finished, check, jobs, step_argv, run / "logs")
     print(f"graph done in {time.perf_counter() - total:.0f} s; run folder {run}", flush=True)
     return json.loads(record_path.read_text()) if record_path.is_file() else {}
+
+
+def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_argv: list[str], logs: Path) -> None:
+    import subprocess
+
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    names = {n.name for n in todo}
+    pending, running = list(todo), {}
+    failed: list[str] = []
+    count = 0
+    while pending or running:
+        ready = [n for n in pending if all(a in finished or a not in names for a in n.after)]
+        while ready and len(running) < jobs and not failed:
+            node = ready.pop(0)
+            pending.remove(node)
+            count += 1
+            log = logs / f"{node.name.replace('/', '-')}.log"
+            with open(log, "ab") as out:
+                process = subprocess.Popen([*step_argv, node.name], stdout=out, stderr=subprocess.STDOUT, env=env)
+            running[node.name] = (node, process, time.perf_counter(), log)
+            print(f"[{count}/{len(todo)}] {node.name}: {node.description} (started; log {log})", flush=True)
+        if not running:
+            if failed or pending:
+                break
+            continue
+        time.sleep(0.5)
+        for name, (node, process, start, log) in list(running.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            del running[name]
+            seconds = time.perf_counter() - start
+            if code != 0:
+                failed.append(f"{name} (exit {code}; see {log})")
+                print(f"{name}: FAILED after {seconds:.0f} s; the last lines of {log}:", flush=True)
+                print("\n".join(log.read_text(errors="replace").splitlines()[-15:]), flush=True)
+                continue
+            try:
+                check(node, seconds)
+            except RuntimeError as error:  # exit 0 without its outputs: a failure too, once the others end
+                failed.append(str(error))
+                continue
+            print(f"{name}: done in {seconds:.0f} s", flush=True)
+    if failed:
+        raise RuntimeError("nodes failed: " + "; ".join(failed) + " (rerun to continue: complete nodes are kept)")
 
 
 def run_command(args) -> int:
@@ -213,7 +274,8 @@ def run_command(args) -> int:
                 state = "complete" if node.complete() else "to do"
                 print(f"{node.name:24s} {state:9s} after: {', '.join(node.after) or '-'}")
             return 0
-        run_graph(recipe, nodes, force=args.force or [])
+        step_argv = [sys.executable, "-m", "cascade.cli", "step", str(args.recipe), *args.overrides]
+        run_graph(recipe, nodes, force=args.force or [], jobs=args.jobs, step_argv=step_argv)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -75,3 +75,32 @@ def test_run_list_and_step_errors(tmp_path, capsys):
     assert main(["step", str(TINY), "train/nope", *args]) == 2
     assert "no node 'train/nope'" in capsys.readouterr().err
     assert main(["run", str(TINY), "--stages", "base,ssr9", *args]) == 2
+
+
+def test_parallel_run_respects_dependencies_and_overlaps_independent_nodes(tmp_path):
+    """jobs=2: every node is its own process; a node starts only after its dependencies, and independent nodes
+    (different stages' training) run at the same time."""
+    import sys
+
+    recipe = _recipe(tmp_path)
+    nodes = job_graph(recipe, ["base", "tsr1"])
+    mapping = tmp_path / "outputs.json"
+    mapping.write_text(json.dumps({n.name: [str(p) for p in n.outputs] for n in nodes}))
+    script = tmp_path / "fake_step.py"
+    script.write_text(
+        "import json, sys, time, pathlib\n"
+        "mapping, node = json.loads(pathlib.Path(sys.argv[1]).read_text()), sys.argv[2]\n"
+        "start = time.time(); time.sleep(0.6 if node.startswith('train') else 0.1)\n"
+        "if node == 'distill/tsr1': sys.exit(0)\n"  # a node that 'succeeds' without its output
+        "for p in mapping[node]:\n"
+        "    pathlib.Path(p).parent.mkdir(parents=True, exist_ok=True); pathlib.Path(p).write_text('x')\n"
+        "with open(pathlib.Path(sys.argv[1]).with_suffix('.times'), 'a') as f:\n"
+        "    f.write(json.dumps([node, start, time.time()]) + '\\n')\n")
+    with pytest.raises(RuntimeError, match="distill/tsr1 finished without writing"):
+        run_graph(recipe, nodes, jobs=2, step_argv=[sys.executable, str(script), str(mapping)])
+    times = {n: (a, b) for n, a, b in map(json.loads, mapping.with_suffix(".times").read_text().splitlines())}
+    assert times["embed"][0] >= times["data"][1] and times["train/base"][0] >= times["embed"][1]
+    assert times["distill/base"][0] >= times["train/base"][1]
+    (b0, b1), (t0, t1) = times["train/base"], times["train/tsr1"]
+    assert t0 < b1 and b0 < t1  # the two trainings overlapped
+    assert (tmp_path / "run" / "logs" / "train-base.log").is_file()

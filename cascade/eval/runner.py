@@ -54,7 +54,7 @@ class EvalPlan:
     def from_recipe(cls, recipe: Recipe, **changes) -> EvalPlan:
         e = recipe.eval
         plan = cls(num_videos=e.num_videos, steps=list(e.steps), guidance=list(e.guidance), aug=list(e.aug_logsnr),
-                   metrics=list(e.metrics), stages=[s.name for s in recipe.stages], modes=["gt", "cascade"],
+                   metrics=list(e.metrics), stages=[s.name for s in recipe.stages], modes=list(e.modes),
                    batch_size=e.batch_size)
         for key, value in changes.items():
             if value is not None:

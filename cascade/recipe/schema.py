@@ -333,6 +333,9 @@ class Eval(Strict):
     combinations; for real data, the training shards (the report says so)."""
     batch_size: PositiveInt = 8
     """Videos sampled together during evaluation."""
+    modes: list[Literal["gt", "cascade"]] = Field(default=["gt", "cascade"], min_length=1)
+    """Inputs of the super-resolution stages: gt (the ground truth at the input stage's resolution: the stage
+    alone) and/or cascade (the previous stages' samples: the cascade as used)."""
 
 
 class Wandb(Strict):

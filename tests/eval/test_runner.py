@@ -74,7 +74,7 @@ def random_cascade(tmp_path_factory, tiny_t5):
 def test_cascade_eval_writes_json_table_and_plots(random_cascade, tiny_t5, tmp_path):
     out = tmp_path / "eval"
     args = ["eval", str(TINY), "--checkpoints", str(random_cascade / "weights"), "--num-videos", "2",
-            "--steps", "2,4", "--guidance", "0,2", "--aug", "3", "--batch-size", "2", "--metrics", "probes",
+            "--steps", "2,4", "--guidance", "0,2", "--aug", "3", "--batch-size", "2", "--metrics", "probes", "--modes", "gt,cascade",
             "--stages", "base,tsr1,ssr1", "--out", str(out), f"text_encoder.path={tiny_t5}",
             f"data.root={tmp_path / 'data'}"] + [f"stages.{s}.sampler.steps=4" for s in ("base", "tsr1", "ssr1")]
     assert main(args) == 0
@@ -84,7 +84,7 @@ def test_cascade_eval_writes_json_table_and_plots(random_cascade, tiny_t5, tmp_p
     assert {r["mode"] for r in rows if r["stage"] == "base"} == {"text"}
     assert {r["mode"] for r in rows if r["stage"] == "ssr1"} == {"gt", "cascade"}
     base_rows = [(r["steps"], r["guidance"]) for r in rows if r["stage"] == "base"]
-    assert sorted(base_rows) == sorted({(4, 3.0), (2, 3.0), (4, 0.0), (4, 2.0)})
+    assert sorted(base_rows) == sorted({(4, 1.0), (2, 1.0), (4, 0.0), (4, 2.0)})  # the recipe says w = 1
     assert {r["aug"] for r in rows if r["stage"] == "tsr1"} == {1.6, 3.0}
     for r in rows:  # NFE per video: one pass per step, two with classifier-free guidance (w = 0: conditional only)
         assert r["nfe_per_video"] == r["steps"] * (1 if r["guidance"] == 0.0 else 2)

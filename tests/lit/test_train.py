@@ -105,7 +105,7 @@ def test_videos_per_second_covers_the_whole_step(overrides):
 
 def test_run_folder_checkpoint_cadence_retention_and_metrics(overrides):
     extra = ["stages.base.train.max_steps=4", "stages.base.train.checkpoint_every=1",
-             "stages.base.train.keep_checkpoints=2"]
+             "stages.base.train.keep_checkpoints=2", "stages.base.train.batch_size=4", "stages.base.train.lr=2e-4"]
     assert train_cli("base", overrides, *extra) == 0
     folder = run_folder(overrides, "base")
 
@@ -224,7 +224,7 @@ def test_nonfinite_steps_are_skipped_and_counted(overrides, monkeypatch, capsys)
 
     inject_nan(monkeypatch, {1, 3})
     # keep_checkpoints=1: the checkpoint of a skipped (last) step must still be written.
-    recipe = load_recipe(TINY, [*overrides, "stages.base.train.max_steps=4", "stages.base.train.checkpoint_every=1",
+    recipe = load_recipe(TINY, [*overrides, "stages.base.train.lr=2e-4", "stages.base.train.max_steps=4", "stages.base.train.checkpoint_every=1",
                                 "stages.base.train.keep_checkpoints=1"])
     probe, modules = WeightProbe(), []
     folder = train(recipe, "base", extra_callbacks=[probe], module_hook=modules.append)

@@ -142,7 +142,7 @@ def test_overrides_leave_the_file_alone():
 
 def test_scientific_notation_in_a_file_is_a_float(tmp_path):
     text = TINY.read_text()
-    for old, new in [("lr: 2.0e-4", "lr: 3e-4"), ("eps: 1.0e-8", "eps: 1E-8"), ("lr: 1.0e-4", "lr: 5e-5")]:
+    for old, new in [("lr: 2.0e-3", "lr: 3e-4"), ("eps: 1.0e-8", "eps: 1E-8"), ("lr: 1.0e-4", "lr: 5e-5")]:
         assert old in text
         text = text.replace(old, new, 1)
     text = text.replace('time: "00:30:00"', "time: 48:00:00", 1)  # YAML 1.1 would read the int 172800
