@@ -36,8 +36,11 @@ def test_stage_batch_shapes(recipe, name):
 
 
 def test_base_stage_mixes_stills(recipe):
-    """tiny.yaml trains the base stage with a share of stills; the other stages on videos only."""
-    stills = sum(int(b["is_image"].sum()) for _, b in zip(range(6), build_stage_loader(recipe.stage("base"), recipe)))
+    """A stage with image_fraction > 0 trains on a share of stills (joint image-video training); stages with 0 (the
+    tiny recipe's SR stages, and its base, which spends its budget on videos) on videos only."""
+    mixed = recipe.model_copy(deep=True)
+    mixed.stage("base").train.image_fraction = 0.25
+    stills = sum(int(b["is_image"].sum()) for _, b in zip(range(6), build_stage_loader(mixed.stage("base"), mixed)))
     assert stills > 0
     videos_only = [b for _, b in zip(range(3), build_stage_loader(recipe.stage("tsr1"), recipe))]
     assert not any(b["is_image"].any() for b in videos_only)
