@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--part", type=int, help="the slice of an array node (embed)")
     p.add_argument("--parts", type=int, default=1, help="slices of the embed node")
+    p.add_argument("--force", action="store_true", help="run it even if its outputs exist")
     p.set_defaults(func=_lazy("cascade.pipeline", "step_command"))
 
     add_slurm_parsers(sub)

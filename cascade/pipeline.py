@@ -47,9 +47,9 @@ class Node:
 
 
 def embedding_folder(recipe: Recipe) -> Path:
-    from cascade.recipe.build import dataset_folder
+    from cascade.recipe.build import embeddings_folder
 
-    return Path(recipe.data.embeddings or Path(dataset_folder(recipe)) / "embeddings")
+    return Path(embeddings_folder(recipe))
 
 
 def job_graph(recipe: Recipe, stages: list[str] | None = None, embed_parts: int = 1) -> list[Node]:
@@ -213,12 +213,13 @@ def run_graph(recipe: Recipe, nodes: list[Node], force: list[str] = (), jobs: in
             check(node, time.perf_counter() - start)
             print(f"{head}: done in {time.perf_counter() - start:.0f} s", flush=True)
     else:
-        _run_parallel(todo, finished, check, jobs, step_argv, run / "logs")
+        _run_parallel(todo, finished, check, jobs, step_argv, run / "logs", set(force))
     print(f"graph done in {time.perf_counter() - total:.0f} s; run folder {run}", flush=True)
     return json.loads(record_path.read_text()) if record_path.is_file() else {}
 
 
-def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_argv: list[str], logs: Path) -> None:
+def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_argv: list[str], logs: Path,
+                  forced: set[str]) -> None:
     import subprocess
 
     logs.mkdir(parents=True, exist_ok=True)
@@ -236,7 +237,8 @@ def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_a
             count += 1
             log = logs / f"{node.name.replace('/', '-')}.log"
             with open(log, "ab") as out:
-                process = subprocess.Popen([*step_argv, node.name], stdout=out, stderr=subprocess.STDOUT, env=env)
+                argv = [*step_argv, node.name, *(["--force"] if node.name in forced else [])]
+                process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
             running[node.name] = (node, process, time.perf_counter(), log)
             print(f"[{count}/{len(todo)}] {node.name}: {node.description} (started; log {log})", flush=True)
         if not running:
@@ -300,7 +302,7 @@ def step_command(args) -> int:
               file=sys.stderr)
         return 2
     outputs = node.outputs if args.part is None or node.parts == 1 else [node.outputs[args.part]]
-    if all(p.exists() for p in outputs):
+    if all(p.exists() for p in outputs) and not args.force:
         print(f"{node.name}{'' if args.part is None else f' part {args.part}'}: complete, skipped")
         return 0
     if os.environ.get("SLURM_PROCID", "0") == "0":  # one record per start, by the first rank

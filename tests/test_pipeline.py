@@ -104,3 +104,16 @@ def test_parallel_run_respects_dependencies_and_overlaps_independent_nodes(tmp_p
     (b0, b1), (t0, t1) = times["train/base"], times["train/tsr1"]
     assert t0 < b1 and b0 < t1  # the two trainings overlapped
     assert (tmp_path / "run" / "logs" / "train-base.log").is_file()
+
+
+def test_step_skips_a_complete_node_unless_forced(tmp_path, monkeypatch, capsys):
+    args = [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", f"text_encoder.path={tmp_path / 't5'}"]
+    for path in job_graph(_recipe(tmp_path))[0].outputs:  # the data node's outputs exist
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    ran = []
+    monkeypatch.setattr(pipeline, "run_node", lambda recipe, node, part=None: ran.append(node.name))
+    assert main(["step", str(TINY), "data", *args]) == 0
+    assert ran == [] and "complete, skipped" in capsys.readouterr().out
+    assert main(["step", str(TINY), "data", "--force", *args]) == 0  # what `cascade run --force data --jobs 2` sends
+    assert ran == ["data"]

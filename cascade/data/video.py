@@ -13,9 +13,9 @@ from torch import Tensor
 
 
 def to_uint8(video: Tensor) -> np.ndarray:
-    """(C, T, H, W) in [-1, 1] -> (T, H, W, C) uint8."""
+    """(..., C, T, H, W) in [-1, 1] -> (..., T, H, W, C) uint8 (one video or a batch)."""
     frames = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).cpu().numpy()
+    return frames.movedim(-4, -1).cpu().numpy()
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 12) -> Path:

@@ -248,11 +248,6 @@ class Metrics:
 # --------------------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------------------
-def _uint8(video: torch.Tensor) -> np.ndarray:
-    """(B, 3, T, H, W) in [-1, 1] -> (B, T, H, W, 3) uint8."""
-    return ((video.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
-
-
 def _spec(stage: Stage, net, info: dict, setting: dict):
     from cascade.diffusion import NoiseAugmentation
     from cascade.recipe.build import build_stage_spec
@@ -272,7 +267,7 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
     """Run the evaluation; write eval.json, eval.md and the plots to `out`. Returns the report."""
     from tqdm.auto import tqdm
 
-    from cascade.data.video import write_video
+    from cascade.data.video import to_uint8, write_video
     from cascade.demo import load_networks
     from cascade.nn.text import FrozenT5
     from cascade.recipe.build import clip_spec
@@ -289,8 +284,9 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
         print(f"note: {name} skipped: {reason}", file=sys.stderr)
     te = recipe.text_encoder
     encoder = FrozenT5.from_pretrained(te.path, te.max_tokens, te.dtype)
-    examples = {name: load_examples(folder, clip_spec(recipe.stage(name), recipe), plan.num_videos) for name in needed}
-    captions = examples[names[0]]["captions"]
+    examples = {name: load_examples(folder, clip_spec(recipe.stage(name), recipe), plan.num_videos)
+                for name in plan.stages}  # the same videos in the same order at every stage's clip shape
+    captions = examples[plan.stages[0]]["captions"]
     batches = [(first, min(first + plan.batch_size, plan.num_videos))
                for first in range(0, plan.num_videos, plan.batch_size)]
     texts = [encoder.encode(captions[a:b]) for a, b in batches]
@@ -331,7 +327,7 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
     rows, ground_truth = [], {}
     for name in plan.stages:
         stage = recipe.stage(name)
-        gt = _uint8(examples[name]["video"].float() / 127.5 - 1.0)
+        gt = examples[name]["video"].movedim(1, -1).numpy()  # (N, T, H, W, 3) uint8 as decoded
         ground_truth[name] = metrics.score(stage, gt, captions, reference=True)
     samples_dir = out / "samples"
     for stage, mode, setting in tqdm(jobs, desc="eval: stages x settings", disable=not progress):
@@ -349,7 +345,7 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
             video, cost = default_outputs[stage.name], default_costs[stage.name]  # same noise: the same samples
         else:
             video, cost = run(stage, setting, inputs)
-        videos = _uint8(video)
+        videos = to_uint8(video)
         row = dict(stage=stage.name, kind=stage.kind, mode=mode, **setting, **cost,
                    distilled=nets[stage.name][1]["distilled"], **metrics.score(stage, videos, captions))
         if metrics.fvd_reason(stage):
@@ -362,7 +358,7 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
     report = dict(
         recipe=recipe.name, checkpoints=str(checkpoints), data=dict(folder=str(folder), what=what,
                                                                    videos=plan.num_videos,
-                                                                   skipped=examples[names[0]]["skipped"]),
+                                                                   skipped=examples[plan.stages[0]]["skipped"]),
         plan=asdict(plan), metrics=metrics.describe(),
         weights={n: nets[n][1] for n in needed}, ground_truth=ground_truth, rows=rows,
         seconds=time.perf_counter() - started)

@@ -87,17 +87,23 @@ def clip_spec(stage: Stage, recipe: Recipe):
                     crop_width=crop.width if crop else None, crop_height=crop.height if crop else None)
 
 
+def embeddings_folder(recipe: Recipe) -> str:
+    """The dataset's T5 embedding cache: data.embeddings, default DATASET/embeddings."""
+    from pathlib import Path
+
+    return recipe.data.embeddings or str(Path(dataset_folder(recipe)) / "embeddings")
+
+
 def build_text_source(recipe: Recipe):
     """Caption embeddings: the dataset's T5 cache (data.embeddings, default DATASET/embeddings) when built,
     otherwise the recipe's encoder on the fly. A picklable factory, called once per DataLoader worker."""
     import functools
-    from pathlib import Path
 
     from cascade.data.embed import TextSource, encoder_factory
 
     te = recipe.text_encoder
-    cache = recipe.data.embeddings or str(Path(dataset_folder(recipe)) / "embeddings")
-    return functools.partial(TextSource, cache, encoder_factory(te.path, te.max_tokens, te.dtype), te.max_tokens)
+    return functools.partial(TextSource, embeddings_folder(recipe), encoder_factory(te.path, te.max_tokens, te.dtype),
+                             te.max_tokens)
 
 
 def build_stage_loader(stage: Stage, recipe: Recipe, rank: int = 0, world_size: int = 1, text_source=None,
