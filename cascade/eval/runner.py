@@ -276,7 +276,10 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in recipe.stages]
-    needed = names[: max(names.index(s) for s in plan.stages) + 1]  # cascade mode needs every earlier stage
+    if "cascade" in plan.modes:  # cascade inputs need every earlier stage
+        needed = names[: max(names.index(s) for s in plan.stages) + 1]
+    else:  # ground-truth inputs: only the evaluated stages' weights
+        needed = [n for n in names if n in plan.stages]
     nets = load_networks(recipe, checkpoints, needed)
     folder, what = eval_folder(recipe, plan.num_videos)
     metrics = Metrics(recipe, plan, folder, out / "cache")

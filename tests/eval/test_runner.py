@@ -111,6 +111,22 @@ def test_cascade_eval_errors_name_the_problem(random_cascade, tiny_t5, tmp_path,
     assert "no weights for stage base" in capsys.readouterr().err
 
 
+def test_ground_truth_inputs_need_only_the_evaluated_stages_weights(random_cascade, tiny_t5, tmp_path, capsys):
+    """Checking one super-resolution stage on ground-truth inputs must not require the rest of the cascade."""
+    only = tmp_path / "only-ssr1"
+    only.mkdir()
+    (only / "ssr1.safetensors").write_bytes((random_cascade / "weights" / "ssr1.safetensors").read_bytes())
+    common = ["eval", str(TINY), "--checkpoints", str(only), "--num-videos", "2", "--steps", "", "--guidance", "",
+              "--aug", "", "--batch-size", "2", "--metrics", "probes", "--stages", "ssr1", "--out", str(tmp_path / "e"),
+              f"text_encoder.path={tiny_t5}", f"data.root={tmp_path / 'data'}", "stages.ssr1.sampler.steps=2"]
+    assert main(common + ["--modes", "gt"]) == 0
+    rows = json.loads((tmp_path / "e" / "eval.json").read_text())["rows"]
+    assert [(r["stage"], r["mode"]) for r in rows] == [("ssr1", "gt")]
+    # cascade inputs do need every earlier stage, and the error says which one is missing
+    assert main(common + ["--modes", "cascade"]) == 2
+    assert "no weights for stage base" in capsys.readouterr().err
+
+
 def test_cascade_eval_fvd_and_clipsim(random_cascade, tiny_t5, tmp_path):
     """FVD (real I3D weights, reference statistics cached) and CLIPSIM (tiny random CLIP) through `cascade eval`."""
     from cascade.eval.clipsim import build_tiny_clip
