@@ -42,6 +42,7 @@ class ClipSpec:
     cond_height: int | None = None
     crop_width: int | None = None  # random crops of this size (fully convolutional SR stages)
     crop_height: int | None = None
+    crop_frames: int | None = None  # random windows of this many frames (SR stages with temporal convolutions)
 
     @property
     def has_cond(self) -> bool:
@@ -164,7 +165,15 @@ def make_example(sample: dict, spec: ClipSpec, rng: np.random.Generator) -> dict
         top = int(rng.integers(0, (spec.height - spec.crop_height) // fy + 1)) * fy
         left = int(rng.integers(0, (spec.width - spec.crop_width) // fx + 1)) * fx
         video = video[:, :, top:top + spec.crop_height, left:left + spec.crop_width]
-    if spec.has_cond:
+    if spec.crop_frames is not None and kind != "image":  # starts on an input frame, so cond is its every k-th
+        ratio = spec.frames // spec.cond_frames if spec.has_cond else 1
+        start = int(rng.integers(0, (spec.frames - spec.crop_frames) // ratio + 1)) * ratio
+        video = video[:, start:start + spec.crop_frames]
+        if spec.has_cond:
+            example["cond"] = downsample(video, spec.crop_frames // ratio, video.shape[2] // fy, video.shape[3] // fx)
+    elif spec.crop_frames is not None:  # a still fills a shorter slot
+        video = video[:, :spec.crop_frames]
+    if spec.has_cond and "cond" not in example:
         example["cond"] = downsample(video, spec.cond_frames, video.shape[2] // fy, video.shape[3] // fx)
     example["video"] = video.contiguous()
     return example

@@ -138,7 +138,7 @@ def load_examples(folder: Path, spec, count: int) -> dict:
     from cascade.data.shards import Manifest
 
     manifest = Manifest.read(folder)
-    spec = replace(spec, crop_width=None, crop_height=None)
+    spec = replace(spec, crop_width=None, crop_height=None, crop_frames=None)
     stream = ShardStream(folder, [s["path"] for s in manifest.shards], seed=0, role=0, roles=1)
     videos, conds, captions, keys, skipped = [], [], [], [], {}
     for shard, entry in enumerate(manifest.shards):

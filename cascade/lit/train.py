@@ -134,6 +134,8 @@ def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_call
     if recipe.logging.sample_every is not None:
         crop = t.crop
         size = dict(width=crop.width, height=crop.height) if crop else {}
+        if t.crop_frames is not None:
+            size["frames"] = t.crop_frames
 
         def make_spec(net):
             spec = build_stage_spec(stage, net)

@@ -76,45 +76,37 @@ class CrossAttention(nn.Module):
 
 
 class TemporalAttention(nn.Module):
-    """Self-attention across frames at each pixel with relative position representations (Shaw et al. 2018, as in
-    VDM §3; distances clipped at `max_distance`). Not causal.
+    """Self-attention across frames at each pixel, with a learned scalar relative-position bias per head and
+    distance (T5 style; distances clipped at `max_distance`). Not causal.
 
-    A learned vector per clipped distance j - i is added to the keys and to the values (Shaw's a^K and a^V, shared
-    by the heads): the logit q_i . (k_j + a^K_{j-i}) depends on the query's content, so whether a pixel attends to
-    earlier or later frames can depend on the caption ("moving left" vs "moving right"). A content-independent
-    scalar bias per distance (the T5 style, which lucidrains substitutes) cannot: under data that are symmetric in
-    time up to the caption (a reversed "left" clip is a "right" clip), the gradient of its antisymmetric part
-    averages to zero at a time-symmetric network, so motion direction is learned slowly or not at all.
+    VDM §3 specifies Shaw et al. (2018) relative position vectors added to the keys and values instead. Both were
+    measured on the tiny recipe's base (2500 steps, 112 held-out samples, low-resolution read): the scalar bias
+    put the motion on the captioned axis in 80 % of samples, Shaw's vectors in 57 % (64 % with a joint frame-time
+    embedding); neither learned the sign of the motion. The scalar bias stays until a larger run says otherwise.
     """
 
     def __init__(self, channels: int, head_dim: int, max_distance: int = 32) -> None:
         super().__init__()
         self.heads = max(1, channels // head_dim)
-        self.head_dim = channels // self.heads
         self.max_distance = max_distance
         self.norm = group_norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels, bias=False)
-        self.rel_key = nn.Parameter(torch.randn(2 * max_distance + 1, self.head_dim) * self.head_dim ** -0.5)
-        self.rel_value = nn.Parameter(torch.randn(2 * max_distance + 1, self.head_dim) * self.head_dim ** -0.5)
+        self.bias = nn.Parameter(torch.zeros(self.heads, 2 * max_distance + 1))
         self.out = _zero(nn.Linear(channels, channels))
 
-    def relative(self, table: Tensor, frames: int) -> Tensor:  # -> (T, T, head_dim): table[j - i] at [i, j]
-        pos = torch.arange(frames, device=table.device)
+    def position_bias(self, frames: int) -> Tensor:  # -> (heads, T, T)
+        pos = torch.arange(frames, device=self.bias.device)
         rel = (pos[None, :] - pos[:, None]).clamp(-self.max_distance, self.max_distance) + self.max_distance
-        return table[rel]
+        return self.bias[:, rel]
 
     def forward(self, h: Tensor, frames: int, gate: Tensor | None) -> Tensor:
         # h: (B*T, C, H, W); gate: (B,) 0 for samples that are images (temporal path bypassed), else 1
         _, _, height, width = h.shape
         x = rearrange(self.norm(h), "(b t) c h w -> (b h w) t c", t=frames)
         q, k, v = rearrange(self.qkv(x), "n t (three heads d) -> three n heads t d", three=3, heads=self.heads)
-        rel_k = self.relative(self.rel_key, frames).to(q.dtype)
-        rel_v = self.relative(self.rel_value, frames).to(q.dtype)
-        logits = (q @ k.transpose(-1, -2) + torch.einsum("nhid,ijd->nhij", q, rel_k)) * self.head_dim ** -0.5
-        weights = logits.softmax(dim=-1)
-        y = weights @ v + torch.einsum("nhij,ijd->nhid", weights, rel_v)
-        y = rearrange(self.out(rearrange(y, "n heads t d -> n t (heads d)")), "(b h w) t c -> b t c h w",
-                      h=height, w=width)
+        bias = self.position_bias(frames).to(q.dtype)
+        y = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=bias), "n heads t d -> n t (heads d)")
+        y = rearrange(self.out(y), "(b h w) t c -> b t c h w", h=height, w=width)
         if gate is not None:
             y = y * gate.to(y.dtype)[:, None, None, None, None]
         return h + y.flatten(0, 1)

@@ -84,7 +84,8 @@ def clip_spec(stage: Stage, recipe: Recipe):
     return ClipSpec(frames=stage.frames, width=stage.width, height=stage.height, fps=stage.fps,
                     cond_frames=source.frames if source else None, cond_width=source.width if source else None,
                     cond_height=source.height if source else None,
-                    crop_width=crop.width if crop else None, crop_height=crop.height if crop else None)
+                    crop_width=crop.width if crop else None, crop_height=crop.height if crop else None,
+                    crop_frames=stage.train.crop_frames)
 
 
 def embeddings_folder(recipe: Recipe) -> str:

@@ -30,6 +30,21 @@ def cascade_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 if value > getattr(stage, axis):
                     problems.append((f"{at}.train.crop.{axis}", f"crop {axis} {value} exceeds the stage's "
                                      f"{axis} {getattr(stage, axis)}"))
+        window = stage.train.crop_frames
+        if window is not None:
+            by_name = {s.name: s for s in recipe.stages}
+            source = by_name.get(stage.input)  # a frame ratio that does not chain is reported below
+            ratio = stage.frames // source.frames if source is not None and stage.frames % source.frames == 0 else 1
+            ratio = max(ratio, 1)
+            if stage.kind == "base" or any(kind == "attention" for kind in stage.unet.temporal):
+                problems.append((f"{at}.train.crop_frames", "frame windows need a super-resolution stage whose "
+                                 "temporal layers are all conv or none (attention would see a shorter clip)"))
+            elif window > stage.frames:
+                problems.append((f"{at}.train.crop_frames", f"window {window} exceeds the stage's {stage.frames} "
+                                 "frames"))
+            elif window % ratio:
+                problems.append((f"{at}.train.crop_frames", f"window {window} is not a multiple of the stage's "
+                                 f"frame ratio {ratio} to its input, so its input frames would not line up"))
         if stage.kind == "base":
             if index != 0:
                 problems.append((f"{at}.kind", "only the first stage can be a base stage"))

@@ -201,6 +201,9 @@ class Train(Strict):
     """Share of samples that are still images (one-frame videos) in joint image-video training."""
     crop: Size | None = None
     """Train on random crops of this size (fully convolutional super-resolution stages); sample at full size."""
+    crop_frames: PositiveInt | None = None
+    """Train on random windows of this many consecutive frames (super-resolution stages whose temporal layers are
+    convolutions: their normalization is per frame, so a window changes only the ends); sample at full length."""
     seed: int = 0
     max_nonfinite: PositiveInt = 20
     """A step with a non-finite loss is skipped and counted; this many in a row stop the run."""

@@ -78,6 +78,23 @@ def test_random_crops_for_fully_convolutional_stages():
     assert torch.equal(example["cond"], downsample(example["video"], 8, 8, 8))
 
 
+def test_frame_windows_start_on_an_input_frame_and_keep_cond_aligned():
+    """A TSR stage (8 frames from 4) trained on 4-frame windows: each window is frames [s, s + 4) of the full clip
+    with s even, and its input is the window's every second frame, as at sampling."""
+    window = ClipSpec(**{**TSR.__dict__, "crop_frames": 4})
+    sample = {"mp4": encode_video(ramp_video(3), SOURCE_FPS, crf=0), "txt": b"x"}
+    starts = set()
+    for seed in range(12):
+        full = make_example(sample, TSR, np.random.default_rng(seed))["video"]
+        example = make_example(sample, window, np.random.default_rng(seed))  # same clip, then a window of it
+        assert example["video"].shape == (3, 4, 16, 16) and example["cond"].shape == (3, 2, 16, 16)
+        matches = [s for s in range(0, 5) if torch.equal(example["video"], full[:, s:s + 4])]
+        assert matches and matches[0] % 2 == 0
+        starts.add(matches[0])
+        assert torch.equal(example["cond"], example["video"][:, ::2])
+    assert starts == {0, 2, 4}
+
+
 def test_batches_shapes_and_device_conversion(tmp_path):
     folder = make_dataset(tmp_path / "d", videos=6, images=3, per_shard=4)
     dataset = StageDataset(folder, TSR, LoaderConfig(batch_size=3, seed=0, image_fraction=0.3))

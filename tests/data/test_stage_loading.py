@@ -26,12 +26,14 @@ def test_stage_batch_shapes(recipe, name):
     batch = next(iter(build_stage_loader(stage, recipe)))
     crop = stage.train.crop
     width, height = (crop.width, crop.height) if crop else (stage.width, stage.height)
-    assert batch["video"].shape == (stage.train.batch_size, 3, stage.frames, height, width)
+    frames = stage.train.crop_frames or stage.frames  # frame windows (SR stages with temporal convolutions)
+    assert batch["video"].shape == (stage.train.batch_size, 3, frames, height, width)
     assert batch["video"].dtype == torch.uint8
     if stage.input:
         source = recipe.stage(stage.input)
         fx, fy = stage.width // source.width, stage.height // source.height
-        assert batch["cond"].shape == (stage.train.batch_size, 3, source.frames, height // fy, width // fx)
+        ft = stage.frames // source.frames
+        assert batch["cond"].shape == (stage.train.batch_size, 3, frames // ft, height // fy, width // fx)
     assert all(c.startswith("a ") for c in batch["captions"])
 
 
