@@ -165,16 +165,14 @@ def make_example(sample: dict, spec: ClipSpec, rng: np.random.Generator) -> dict
         top = int(rng.integers(0, (spec.height - spec.crop_height) // fy + 1)) * fy
         left = int(rng.integers(0, (spec.width - spec.crop_width) // fx + 1)) * fx
         video = video[:, :, top:top + spec.crop_height, left:left + spec.crop_width]
-    if spec.crop_frames is not None and kind != "image":  # starts on an input frame, so cond is its every k-th
+    cond_frames = spec.cond_frames
+    if spec.crop_frames is not None:  # a window that starts on an input frame, so cond is its every k-th frame
         ratio = spec.frames // spec.cond_frames if spec.has_cond else 1
         start = int(rng.integers(0, (spec.frames - spec.crop_frames) // ratio + 1)) * ratio
         video = video[:, start:start + spec.crop_frames]
-        if spec.has_cond:
-            example["cond"] = downsample(video, spec.crop_frames // ratio, video.shape[2] // fy, video.shape[3] // fx)
-    elif spec.crop_frames is not None:  # a still fills a shorter slot
-        video = video[:, :spec.crop_frames]
-    if spec.has_cond and "cond" not in example:
-        example["cond"] = downsample(video, spec.cond_frames, video.shape[2] // fy, video.shape[3] // fx)
+        cond_frames = spec.crop_frames // ratio if spec.has_cond else None
+    if spec.has_cond:
+        example["cond"] = downsample(video, cond_frames, video.shape[2] // fy, video.shape[3] // fx)
     example["video"] = video.contiguous()
     return example
 

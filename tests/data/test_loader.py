@@ -93,6 +93,9 @@ def test_frame_windows_start_on_an_input_frame_and_keep_cond_aligned():
         starts.add(matches[0])
         assert torch.equal(example["cond"], example["video"][:, ::2])
     assert starts == {0, 2, 4}
+    still = {"png": encode_image(ramp_video(3)[0]), "txt": b"x"}  # a still fills a window-long slot too
+    example = make_example(still, window, np.random.default_rng(0))
+    assert example["is_image"] and example["video"].shape == (3, 4, 16, 16) and example["cond"].shape == (3, 2, 16, 16)
 
 
 def test_batches_shapes_and_device_conversion(tmp_path):
