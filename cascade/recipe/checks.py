@@ -30,21 +30,6 @@ def cascade_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 if value > getattr(stage, axis):
                     problems.append((f"{at}.train.crop.{axis}", f"crop {axis} {value} exceeds the stage's "
                                      f"{axis} {getattr(stage, axis)}"))
-        window = stage.train.crop_frames
-        if window is not None:
-            by_name = {s.name: s for s in recipe.stages}
-            source = by_name.get(stage.input)  # a frame ratio that does not chain is reported below
-            ratio = stage.frames // source.frames if source is not None and stage.frames % source.frames == 0 else 1
-            ratio = max(ratio, 1)
-            if stage.kind == "base" or any(kind == "attention" for kind in stage.unet.temporal):
-                problems.append((f"{at}.train.crop_frames", "frame windows need a super-resolution stage whose "
-                                 "temporal layers are all conv or none (attention would see a shorter clip)"))
-            elif window > stage.frames:
-                problems.append((f"{at}.train.crop_frames", f"window {window} exceeds the stage's {stage.frames} "
-                                 "frames"))
-            elif window % ratio:
-                problems.append((f"{at}.train.crop_frames", f"window {window} is not a multiple of the stage's "
-                                 f"frame ratio {ratio} to its input, so its input frames would not line up"))
         if stage.kind == "base":
             if index != 0:
                 problems.append((f"{at}.kind", "only the first stage can be a base stage"))
@@ -52,6 +37,7 @@ def cascade_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 problems.append((f"{at}.input", "a base stage has no input stage"))
             if stage.augmentation is not None:
                 problems.append((f"{at}.augmentation", "a base stage has no low-resolution input to augment"))
+            problems.extend(_window_problems(at, stage, ratio=1))
         else:
             if index == 0:
                 problems.append((f"{at}.kind", f"the first stage must be a base stage, not {stage.kind}"))
@@ -94,4 +80,23 @@ def _chain_problems(at: str, stage, source) -> list[tuple[str, str]]:
         problems.append((f"{at}.fps", f"fps {stage.fps:g} with {stage.frames} frames gives a different duration "
                          f"than the input's {source.frames} frames at {source.fps:g} fps; expected fps "
                          f"{source.fps * stage.frames / source.frames:g}"))
+    # A frame ratio that does not chain is reported above; windows are then checked as if it were 1.
+    problems.extend(_window_problems(at, stage, ratio=stage.frames // source.frames
+                                     if stage.frames % source.frames == 0 else 1))
     return problems
+
+
+def _window_problems(at: str, stage, ratio: int) -> list[tuple[str, str]]:
+    """train.crop_frames: only SR stages without temporal attention, within the clip, a multiple of `ratio`."""
+    window = stage.train.crop_frames
+    if window is None:
+        return []
+    if stage.kind == "base" or "attention" in stage.unet.temporal:
+        return [(f"{at}.train.crop_frames", "frame windows need a super-resolution stage whose temporal layers are "
+                 "all conv or none (attention would see a shorter clip)")]
+    if window > stage.frames:
+        return [(f"{at}.train.crop_frames", f"window {window} exceeds the stage's {stage.frames} frames")]
+    if window % ratio:
+        return [(f"{at}.train.crop_frames", f"window {window} is not a multiple of the stage's frame ratio {ratio} "
+                 "to its input, so its input frames would not line up")]
+    return []
