@@ -241,10 +241,8 @@ def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_a
                 process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
             running[node.name] = (node, process, time.perf_counter(), log)
             print(f"[{count}/{len(todo)}] {node.name}: {node.description} (started; log {log})", flush=True)
-        if not running:
-            if failed or pending:
-                break
-            continue
+        if not running:  # nothing left that can start: a failure stopped the graph
+            break
         time.sleep(0.5)
         for name, (node, process, start, log) in list(running.items()):
             code = process.poll()
@@ -263,8 +261,10 @@ def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_a
                 failed.append(str(error))
                 continue
             print(f"{name}: done in {seconds:.0f} s", flush=True)
-    if failed:
-        raise RuntimeError("nodes failed: " + "; ".join(failed) + " (rerun to continue: complete nodes are kept)")
+    if failed or pending:
+        not_run = f"; not run: {', '.join(n.name for n in pending)}" if pending else ""
+        raise RuntimeError("nodes failed: " + "; ".join(failed) + not_run
+                           + " (rerun to continue: complete nodes are kept)")
 
 
 def run_command(args) -> int:

@@ -106,6 +106,24 @@ def test_parallel_run_respects_dependencies_and_overlaps_independent_nodes(tmp_p
     assert (tmp_path / "run" / "logs" / "train-base.log").is_file()
 
 
+def test_parallel_run_names_the_failed_node_and_what_it_kept_from_running(tmp_path):
+    import sys
+
+    recipe = _recipe(tmp_path)
+    nodes = job_graph(recipe, ["base", "tsr1"])
+    mapping = tmp_path / "outputs.json"
+    mapping.write_text(json.dumps({n.name: [str(p) for p in n.outputs] for n in nodes}))
+    script = tmp_path / "fake_step.py"
+    script.write_text(
+        "import json, sys, pathlib\n"
+        "mapping, node = json.loads(pathlib.Path(sys.argv[1]).read_text()), sys.argv[2]\n"
+        "if node == 'train/tsr1': sys.exit(3)\n"
+        "for p in mapping[node]:\n"
+        "    pathlib.Path(p).parent.mkdir(parents=True, exist_ok=True); pathlib.Path(p).write_text('x')\n")
+    with pytest.raises(RuntimeError, match=r"train/tsr1 \(exit 3.*not run: .*distill/tsr1"):
+        run_graph(recipe, nodes, jobs=2, step_argv=[sys.executable, str(script), str(mapping)])
+
+
 def test_step_skips_a_complete_node_unless_forced(tmp_path, monkeypatch, capsys):
     args = [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", f"text_encoder.path={tmp_path / 't5'}"]
     for path in job_graph(_recipe(tmp_path))[0].outputs:  # the data node's outputs exist
