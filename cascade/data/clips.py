@@ -43,6 +43,7 @@ class ClipSpec:
     crop_width: int | None = None  # random crops of this size (fully convolutional SR stages)
     crop_height: int | None = None
     crop_frames: int | None = None  # random windows of this many frames (SR stages with temporal convolutions)
+    clip_start: str = "random"  # where a clip starts in a longer video: "random" or "first" (its first frame)
 
     @property
     def has_cond(self) -> bool:
@@ -75,9 +76,10 @@ def parse_sample(sample: dict) -> tuple[str, bytes, str, dict]:
 
 
 def decode_frames(data: bytes, frames: int, fps: float, rng: np.random.Generator, size: tuple[int, int],
-                  ) -> np.ndarray:
+                  start: str = "random") -> np.ndarray:
     """Decode a clip of `frames` frames at `fps` from a video (frame skipping from the source rate), each frame
     resized to cover `size` = (width, height) with its aspect kept. -> (T, h, w, 3) uint8, h >= height, w >= width.
+    The clip starts at a random frame of a longer video (`start="random"`) or at its first frame ("first").
 
     A still image (one frame) is returned as one frame; the caller repeats it.
     """
@@ -109,7 +111,9 @@ def decode_frames(data: bytes, frames: int, fps: float, rng: np.random.Generator
         if source_fps < fps * 0.99 and frames > 1:
             raise BadSample("fps_too_low", f"{source_fps:g} fps source for a {fps:g} fps clip")
         span = offsets[-1] + 1
-        start = int(rng.integers(0, available - span + 1)) if available else 0
+        if start not in ("random", "first"):
+            raise ValueError(f"clip start must be 'random' or 'first', got {start!r}")
+        start = int(rng.integers(0, available - span + 1)) if available and start == "random" else 0
         wanted = {start + o for o in offsets}
         picked: dict[int, np.ndarray] = {}
         try:
@@ -156,7 +160,7 @@ def make_example(sample: dict, spec: ClipSpec, rng: np.random.Generator) -> dict
         frames = decode_frames(data, 1, spec.fps, rng, (spec.width, spec.height))
         frames = np.repeat(frames[:1], spec.frames, axis=0)  # a still occupies a video slot; time is bypassed
     else:
-        frames = decode_frames(data, spec.frames, spec.fps, rng, (spec.width, spec.height))
+        frames = decode_frames(data, spec.frames, spec.fps, rng, (spec.width, spec.height), spec.clip_start)
     frames = crop(frames, spec.width, spec.height, None)
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)  # (3, T, H, W)
     example = dict(caption=caption, is_image=kind == "image")

@@ -85,7 +85,7 @@ def clip_spec(stage: Stage, recipe: Recipe):
                     cond_frames=source.frames if source else None, cond_width=source.width if source else None,
                     cond_height=source.height if source else None,
                     crop_width=crop.width if crop else None, crop_height=crop.height if crop else None,
-                    crop_frames=stage.train.crop_frames)
+                    crop_frames=stage.train.crop_frames, clip_start=stage.train.clip_start)
 
 
 def embeddings_folder(recipe: Recipe) -> str:

@@ -204,6 +204,10 @@ class Train(Strict):
     crop_frames: PositiveInt | None = None
     """Train on random windows of this many consecutive frames (super-resolution stages whose temporal layers are
     convolutions: their normalization is per frame, so a window changes only the ends); sample at full length."""
+    clip_start: Literal["random", "first"] = "random"
+    """Where a training clip starts in a longer video: a random frame (temporal-crop augmentation), or the first
+    frame, so frame 0 is always the video's start. In the tiny recipe the base learns the direction of motion
+    from "first" clips and not from random ones (the sign of the motion stayed at chance after 2000 steps)."""
     seed: int = 0
     max_nonfinite: PositiveInt = 20
     """A step with a non-finite loss is skipped and counted; this many in a row stop the run."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascade.data.clips import BadSample, ClipSpec, decode_frames, downsample, make_example
+from cascade.data.clips import BadSample, ClipSpec, crop, decode_frames, downsample, make_example
 from cascade.data.loader import DataBudgetExceeded, LoaderConfig, StageDataset, StageLoader, to_model_input
 from cascade.data.shards import ShardSink
 from cascade.data.video import encode_image, encode_video
@@ -56,6 +56,30 @@ def test_clip_is_taken_at_the_stage_fps(tmp_path):
         decode_frames(data, 10, 4.0, np.random.default_rng(0), (16, 16))  # needs 37 source frames
     with pytest.raises(BadSample, match="fps_too_low"):
         decode_frames(data, 4, 32.0, np.random.default_rng(0), (16, 16))
+
+
+def test_clips_start_at_a_random_frame_or_the_first():
+    """"random" draws the clip's first source frame; "first" always starts at source frame 0, for stages whose
+    frame 0 must be the video's start (the tiny base learns the sign of the motion only then)."""
+    data = encode_video(ramp_video(0), SOURCE_FPS, crf=0)
+    every = decode_frames(data, 32, SOURCE_FPS, np.random.default_rng(0), (16, 16))  # all 32: starts at 0
+
+    def start_of(clip):  # a 4 fps clip is every 4th source frame from its start
+        return [s for s in range(32 - 12) if np.array_equal(clip, every[s:s + 13:4])]
+
+    def start_of_cropped(clip, frames):  # make_example crops the decoded frames to the stage's size
+        return [s for s in range(32 - 12) if np.array_equal(clip, crop(frames[s:s + 13:4], 16, 16, None))]
+
+    starts = {tuple(start_of(decode_frames(data, 4, 4.0, np.random.default_rng(seed), (16, 16))))
+              for seed in range(16)}
+    assert all(len(s) == 1 for s in starts) and len(starts) > 4
+    for seed in range(4):
+        assert start_of(decode_frames(data, 4, 4.0, np.random.default_rng(seed), (16, 16), start="first")) == [0]
+    example = make_example({"mp4": data, "txt": b"x"}, ClipSpec(**{**BASE.__dict__, "clip_start": "first"}),
+                           np.random.default_rng(3))
+    assert start_of_cropped(example["video"].permute(1, 2, 3, 0).numpy(), every) == [0]
+    with pytest.raises(ValueError, match="clip start"):
+        decode_frames(data, 4, 4.0, np.random.default_rng(0), (16, 16), start="middle")
 
 
 def test_sr_inputs_come_from_the_same_clip():
