@@ -83,6 +83,8 @@ def decode_frames(data: bytes, frames: int, fps: float, rng: np.random.Generator
 
     A still image (one frame) is returned as one frame; the caller repeats it.
     """
+    if start not in ("random", "first"):
+        raise ValueError(f"clip start must be 'random' or 'first', got {start!r}")
     if data[:8] == PNG_SIGNATURE and len(data) >= 24:  # a PNG's size is known before decoding: refuse bombs
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         if width * height > MAX_PIXELS:
@@ -103,7 +105,7 @@ def decode_frames(data: bytes, frames: int, fps: float, rng: np.random.Generator
         source_fps = float(stream.average_rate or stream.guessed_rate or 0) or fps
         scale = max(size[0] / ctx.width, size[1] / ctx.height)
         out_w, out_h = max(size[0], round(ctx.width * scale)), max(size[1], round(ctx.height * scale))
-        # Source frame index of clip frame i: start + round(i * source_fps / fps).
+        # Source frame index of clip frame i: begin + round(i * source_fps / fps).
         offsets = [round(i * source_fps / fps) for i in range(frames)]
         available = stream.frames or 0
         if available and available <= offsets[-1]:
@@ -111,10 +113,8 @@ def decode_frames(data: bytes, frames: int, fps: float, rng: np.random.Generator
         if source_fps < fps * 0.99 and frames > 1:
             raise BadSample("fps_too_low", f"{source_fps:g} fps source for a {fps:g} fps clip")
         span = offsets[-1] + 1
-        if start not in ("random", "first"):
-            raise ValueError(f"clip start must be 'random' or 'first', got {start!r}")
-        start = int(rng.integers(0, available - span + 1)) if available and start == "random" else 0
-        wanted = {start + o for o in offsets}
+        begin = int(rng.integers(0, available - span + 1)) if available and start == "random" else 0
+        wanted = {begin + o for o in offsets}
         picked: dict[int, np.ndarray] = {}
         try:
             for index, frame in enumerate(container.decode(stream)):
@@ -128,8 +128,8 @@ def decode_frames(data: bytes, frames: int, fps: float, rng: np.random.Generator
     if not picked:
         raise BadSample("undecodable", "no frames")
     if len(picked) < len(wanted):
-        raise BadSample("too_short", f"decoded {max(picked) + 1} frames, need {start + span}")
-    return np.stack([picked[start + o] for o in offsets])
+        raise BadSample("too_short", f"decoded {max(picked) + 1} frames, need {begin + span}")
+    return np.stack([picked[begin + o] for o in offsets])
 
 
 def crop(video: np.ndarray, width: int, height: int, rng: np.random.Generator | None) -> np.ndarray:
