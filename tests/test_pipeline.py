@@ -77,27 +77,37 @@ def test_run_list_and_step_errors(tmp_path, capsys):
     assert main(["run", str(TINY), "--stages", "base,ssr9", *args]) == 2
 
 
-def test_parallel_run_respects_dependencies_and_overlaps_independent_nodes(tmp_path):
-    """jobs=2: every node is its own process; a node starts only after its dependencies, and independent nodes
-    (different stages' training) run at the same time."""
+def _fake_step(tmp_path, nodes, before: str, after: str = ""):
+    """A stand-in for `cascade step`: runs `before`, writes the node's outputs, runs `after` (Python source with
+    `node` and `mapping` in scope). -> (step_argv, the outputs mapping file)."""
     import sys
 
-    recipe = _recipe(tmp_path)
-    nodes = job_graph(recipe, ["base", "tsr1"])
     mapping = tmp_path / "outputs.json"
     mapping.write_text(json.dumps({n.name: [str(p) for p in n.outputs] for n in nodes}))
     script = tmp_path / "fake_step.py"
     script.write_text(
         "import json, sys, time, pathlib\n"
         "mapping, node = json.loads(pathlib.Path(sys.argv[1]).read_text()), sys.argv[2]\n"
-        "start = time.time(); time.sleep(0.6 if node.startswith('train') else 0.1)\n"
-        "if node == 'distill/tsr1': sys.exit(0)\n"  # a node that 'succeeds' without its output
-        "for p in mapping[node]:\n"
+        + before
+        + "for p in mapping[node]:\n"
         "    pathlib.Path(p).parent.mkdir(parents=True, exist_ok=True); pathlib.Path(p).write_text('x')\n"
+        + after)
+    return [sys.executable, str(script), str(mapping)], mapping
+
+
+def test_parallel_run_respects_dependencies_and_overlaps_independent_nodes(tmp_path):
+    """jobs=2: every node is its own process; a node starts only after its dependencies, and independent nodes
+    (different stages' training) run at the same time."""
+    recipe = _recipe(tmp_path)
+    nodes = job_graph(recipe, ["base", "tsr1"])
+    step_argv, mapping = _fake_step(
+        tmp_path, nodes,
+        "start = time.time(); time.sleep(0.6 if node.startswith('train') else 0.1)\n"
+        "if node == 'distill/tsr1': sys.exit(0)\n",  # a node that 'succeeds' without its output
         "with open(pathlib.Path(sys.argv[1]).with_suffix('.times'), 'a') as f:\n"
         "    f.write(json.dumps([node, start, time.time()]) + '\\n')\n")
     with pytest.raises(RuntimeError, match="distill/tsr1 finished without writing"):
-        run_graph(recipe, nodes, jobs=2, step_argv=[sys.executable, str(script), str(mapping)])
+        run_graph(recipe, nodes, jobs=2, step_argv=step_argv)
     times = {n: (a, b) for n, a, b in map(json.loads, mapping.with_suffix(".times").read_text().splitlines())}
     assert times["embed"][0] >= times["data"][1] and times["train/base"][0] >= times["embed"][1]
     assert times["distill/base"][0] >= times["train/base"][1]
@@ -107,21 +117,11 @@ def test_parallel_run_respects_dependencies_and_overlaps_independent_nodes(tmp_p
 
 
 def test_parallel_run_names_the_failed_node_and_what_it_kept_from_running(tmp_path):
-    import sys
-
     recipe = _recipe(tmp_path)
     nodes = job_graph(recipe, ["base", "tsr1"])
-    mapping = tmp_path / "outputs.json"
-    mapping.write_text(json.dumps({n.name: [str(p) for p in n.outputs] for n in nodes}))
-    script = tmp_path / "fake_step.py"
-    script.write_text(
-        "import json, sys, pathlib\n"
-        "mapping, node = json.loads(pathlib.Path(sys.argv[1]).read_text()), sys.argv[2]\n"
-        "if node == 'train/tsr1': sys.exit(3)\n"
-        "for p in mapping[node]:\n"
-        "    pathlib.Path(p).parent.mkdir(parents=True, exist_ok=True); pathlib.Path(p).write_text('x')\n")
+    step_argv, _ = _fake_step(tmp_path, nodes, "if node == 'train/tsr1': sys.exit(3)\n")
     with pytest.raises(RuntimeError, match=r"train/tsr1 \(exit 3.*not run: .*distill/tsr1"):
-        run_graph(recipe, nodes, jobs=2, step_argv=[sys.executable, str(script), str(mapping)])
+        run_graph(recipe, nodes, jobs=2, step_argv=step_argv)
 
 
 def test_step_skips_a_complete_node_unless_forced(tmp_path, monkeypatch, capsys):
