@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import av
@@ -75,16 +76,8 @@ def parse_sample(sample: dict) -> tuple[str, bytes, str, dict]:
     raise BadSample("missing_media", f"keys {sorted(k for k in sample if not k.startswith('__'))}")
 
 
-def decode_frames(data: bytes, frames: int, fps: float, rng: np.random.Generator, size: tuple[int, int],
-                  start: str = "random") -> np.ndarray:
-    """Decode a clip of `frames` frames at `fps` from a video (frame skipping from the source rate), each frame
-    resized to cover `size` = (width, height) with its aspect kept. -> (T, h, w, 3) uint8, h >= height, w >= width.
-    The clip starts at a random frame of a longer video (`start="random"`) or at its first frame ("first").
-
-    A still image (one frame) is returned as one frame; the caller repeats it.
-    """
-    if start not in ("random", "first"):
-        raise ValueError(f"clip start must be 'random' or 'first', got {start!r}")
+def _open(data: bytes):
+    """An opened container and its first video stream, after the checks that need no decoding."""
     if data[:8] == PNG_SIGNATURE and len(data) >= 24:  # a PNG's size is known before decoding: refuse bombs
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         if width * height > MAX_PIXELS:
@@ -93,29 +86,134 @@ def decode_frames(data: bytes, frames: int, fps: float, rng: np.random.Generator
         container = av.open(io.BytesIO(data))
     except (av.error.FFmpegError, OSError, ValueError) as error:
         raise BadSample("undecodable", type(error).__name__) from None
+    if not container.streams.video:
+        container.close()
+        raise BadSample("no_video_stream")
+    stream = container.streams.video[0]
+    ctx = stream.codec_context
+    problem = (BadSample("too_large", f"{ctx.width}x{ctx.height}") if ctx.width * ctx.height > MAX_PIXELS else
+               BadSample("undecodable", "no frame size") if ctx.width < 1 or ctx.height < 1 else None)
+    if problem is not None:
+        container.close()
+        raise problem
+    return container, stream
+
+
+def _cover(stream, size: tuple[int, int]) -> tuple[int, int]:
+    """The frame size that covers `size` = (width, height) with the source's aspect kept."""
+    ctx = stream.codec_context
+    scale = max(size[0] / ctx.width, size[1] / ctx.height)
+    return max(size[0], round(ctx.width * scale)), max(size[1], round(ctx.height * scale))
+
+
+def _clip_indices(listed: int, source_fps: float, frames: int, fps: float, rng: np.random.Generator,
+                  start: str) -> list[int]:
+    """Source frame indices of a clip: begin + round(i * source_fps / fps). `listed` is the frame count in the
+    container's header (0 when unknown: the clip starts at the first frame)."""
+    offsets = [round(i * source_fps / fps) for i in range(frames)]
+    if listed and listed <= offsets[-1]:
+        raise BadSample("too_short", f"{listed} frames at {source_fps:g} fps, need {offsets[-1] + 1}")
+    if source_fps < fps * 0.99 and frames > 1:
+        raise BadSample("fps_too_low", f"{source_fps:g} fps source for a {fps:g} fps clip")
+    span = offsets[-1] + 1
+    begin = int(rng.integers(0, listed - span + 1)) if listed and start == "random" else 0
+    return [begin + o for o in offsets]
+
+
+def _pick(decoded: dict[int, np.ndarray], wanted: list[int], error: str | None) -> np.ndarray:
+    """The wanted frames out of those decoded; `error` is the decoder's, if it stopped early."""
+    if all(i in decoded for i in wanted):
+        return np.stack([decoded[i] for i in wanted])
+    if error is not None:
+        raise BadSample("undecodable", error)
+    if not any(i in decoded for i in wanted):
+        raise BadSample("undecodable", "no frames")
+    raise BadSample("too_short", f"decoded {max(decoded) + 1} frames, need {wanted[-1] + 1}")
+
+
+@dataclass
+class DecodedVideo:
+    """Every frame of one video at one stage's size, kept by `FrameCache` to cut later clips from."""
+
+    frames: np.ndarray  # (N, h, w, 3) uint8
+    source_fps: float
+    listed: int  # frame count in the container's header (0: unknown)
+    error: str | None  # why decoding stopped before the end, if it did
+
+
+class FrameCache:
+    """Decoded videos kept in memory, least recently used dropped first beyond `max_bytes`: for a dataset that fits,
+    later epochs cut their clips without decoding. A cached video gives exactly the clip decoding would."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
+        self._videos: OrderedDict[tuple, DecodedVideo] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._videos)
+
+    def get(self, key: tuple) -> DecodedVideo | None:
+        video = self._videos.get(key)
+        if video is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+            self._videos.move_to_end(key)
+        return video
+
+    def put(self, key: tuple, video: DecodedVideo) -> None:
+        size = video.frames.nbytes
+        if size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes:
+            self.bytes -= self._videos.popitem(last=False)[1].frames.nbytes
+        self._videos[key] = video
+        self.bytes += size
+
+
+def decode_video(data: bytes, size: tuple[int, int]) -> DecodedVideo:
+    """Every frame of a video (or still), each resized to cover `size` = (width, height) with its aspect kept."""
+    container, stream = _open(data)
     with container:
-        if not container.streams.video:
-            raise BadSample("no_video_stream")
-        stream = container.streams.video[0]
-        ctx = stream.codec_context
-        if ctx.width * ctx.height > MAX_PIXELS:
-            raise BadSample("too_large", f"{ctx.width}x{ctx.height}")
-        if ctx.width < 1 or ctx.height < 1:
-            raise BadSample("undecodable", "no frame size")
+        source_fps = float(stream.average_rate or stream.guessed_rate or 0)
+        out_w, out_h = _cover(stream, size)
+        frames, error = [], None
+        try:
+            for frame in container.decode(stream):
+                frames.append(frame.reformat(width=out_w, height=out_h, format="rgb24",
+                                             interpolation="AREA").to_ndarray())
+        except (av.error.FFmpegError, OSError, ValueError, MemoryError) as problem:
+            error = type(problem).__name__
+    array = np.stack(frames) if frames else np.zeros((0, out_h, out_w, 3), np.uint8)
+    return DecodedVideo(array, source_fps, stream.frames or 0, error)
+
+
+def decode_frames(data: bytes, frames: int, fps: float, rng: np.random.Generator, size: tuple[int, int],
+                  start: str = "random", cache: FrameCache | None = None, key: tuple | None = None) -> np.ndarray:
+    """Decode a clip of `frames` frames at `fps` from a video (frame skipping from the source rate), each frame
+    resized to cover `size` = (width, height) with its aspect kept. -> (T, h, w, 3) uint8, h >= height, w >= width.
+    The clip starts at a random frame of a longer video (`start="random"`) or at its first frame ("first").
+    With a `cache`, the whole video is decoded once under `key` and later clips are cut from memory.
+
+    A still image (one frame) is returned as one frame; the caller repeats it.
+    """
+    if start not in ("random", "first"):
+        raise ValueError(f"clip start must be 'random' or 'first', got {start!r}")
+    if cache is not None:
+        cache_key = (key, size)
+        video = cache.get(cache_key)
+        if video is None:
+            video = decode_video(data, size)
+            cache.put(cache_key, video)
+        wanted = _clip_indices(video.listed, video.source_fps or fps, frames, fps, rng, start)
+        return _pick({i: video.frames[i] for i in wanted if i < len(video.frames)}, wanted, video.error)
+    container, stream = _open(data)
+    with container:
         source_fps = float(stream.average_rate or stream.guessed_rate or 0) or fps
-        scale = max(size[0] / ctx.width, size[1] / ctx.height)
-        out_w, out_h = max(size[0], round(ctx.width * scale)), max(size[1], round(ctx.height * scale))
-        # Source frame index of clip frame i: begin + round(i * source_fps / fps).
-        offsets = [round(i * source_fps / fps) for i in range(frames)]
-        available = stream.frames or 0
-        if available and available <= offsets[-1]:
-            raise BadSample("too_short", f"{available} frames at {source_fps:g} fps, need {offsets[-1] + 1}")
-        if source_fps < fps * 0.99 and frames > 1:
-            raise BadSample("fps_too_low", f"{source_fps:g} fps source for a {fps:g} fps clip")
-        span = offsets[-1] + 1
-        begin = int(rng.integers(0, available - span + 1)) if available and start == "random" else 0
-        wanted = {begin + o for o in offsets}
+        out_w, out_h = _cover(stream, size)
+        wanted = _clip_indices(stream.frames or 0, source_fps, frames, fps, rng, start)
         picked: dict[int, np.ndarray] = {}
+        error = None
         try:
             for index, frame in enumerate(container.decode(stream)):
                 if index in wanted:
@@ -123,13 +221,9 @@ def decode_frames(data: bytes, frames: int, fps: float, rng: np.random.Generator
                                                    interpolation="AREA").to_ndarray()
                     if len(picked) == len(wanted):
                         break
-        except (av.error.FFmpegError, OSError, ValueError, MemoryError) as error:
-            raise BadSample("undecodable", type(error).__name__) from None
-    if not picked:
-        raise BadSample("undecodable", "no frames")
-    if len(picked) < len(wanted):
-        raise BadSample("too_short", f"decoded {max(picked) + 1} frames, need {begin + span}")
-    return np.stack([picked[begin + o] for o in offsets])
+        except (av.error.FFmpegError, OSError, ValueError, MemoryError) as problem:
+            error = type(problem).__name__
+    return _pick(picked, wanted, error)
 
 
 def crop(video: np.ndarray, width: int, height: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -153,14 +247,17 @@ def downsample(video: torch.Tensor, frames: int, height: int, width: int) -> tor
     return video.contiguous()
 
 
-def make_example(sample: dict, spec: ClipSpec, rng: np.random.Generator) -> dict:
-    """One training example: video (3, T, H, W) uint8, optional cond (3, T', H', W') uint8, caption, is_image."""
+def make_example(sample: dict, spec: ClipSpec, rng: np.random.Generator, cache: FrameCache | None = None,
+                 key: tuple | None = None) -> dict:
+    """One training example: video (3, T, H, W) uint8, optional cond (3, T', H', W') uint8, caption, is_image.
+    `cache` and `key` (the sample's identity) keep its decoded frames for the next epoch."""
     caption, data, kind, _ = parse_sample(sample)
+    size = (spec.width, spec.height)
     if kind == "image":
-        frames = decode_frames(data, 1, spec.fps, rng, (spec.width, spec.height))
+        frames = decode_frames(data, 1, spec.fps, rng, size, cache=cache, key=key)
         frames = np.repeat(frames[:1], spec.frames, axis=0)  # a still occupies a video slot; time is bypassed
     else:
-        frames = decode_frames(data, spec.frames, spec.fps, rng, (spec.width, spec.height), spec.clip_start)
+        frames = decode_frames(data, spec.frames, spec.fps, rng, size, spec.clip_start, cache=cache, key=key)
     frames = crop(frames, spec.width, spec.height, None)
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)  # (3, T, H, W)
     example = dict(caption=caption, is_image=kind == "image")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cascade.data.clips import BadSample, ClipSpec, make_example
+from cascade.data.clips import BadSample, ClipSpec, FrameCache, make_example
 from cascade.data.shards import Manifest
 
 log = logging.getLogger("cascade.data")
@@ -54,6 +54,7 @@ class LoaderConfig:
     rank: int = 0
     world_size: int = 1
     epochs: int | None = None  # None: endless (training); 1: one pass, e.g. evaluation (last batch may be short)
+    decode_cache_bytes: int = 0  # per worker: decoded videos kept for later epochs (0: decode every time)
 
 
 def read_tar_index(path: str | Path) -> tuple[list[tuple[str, dict[str, tarfile.TarInfo]]], str | None]:
@@ -154,6 +155,7 @@ class StageDataset(IterableDataset):
         stream = ShardStream(self.folder, [s["path"] for s in self.manifest.shards], self.config.seed,
                              self.config.rank * workers + role, roles)
         encode = self.text_source() if self.text_source is not None else None
+        cache = FrameCache(self.config.decode_cache_bytes) if self.config.decode_cache_bytes > 0 else None
         position = Position(**asdict(self.start.get(role, Position())))
         counts: Counter = Counter()
         recent: deque = deque(maxlen=self.config.window)
@@ -167,6 +169,9 @@ class StageDataset(IterableDataset):
                 return
             shards, offset, stride = stream.plan(position.epoch)
             if position.shard >= len(shards):
+                if cache is not None:
+                    log.info("worker role %d, epoch %d: decode cache holds %d videos (%.0f MiB), %d hits, %d misses",
+                             role, position.epoch, len(cache), cache.bytes / 2**20, cache.hits, cache.misses)
                 position = Position(position.epoch + 1, 0, 0)
                 if not shards:
                     raise ValueError(f"{self.folder}: no shard for worker role {role}")
@@ -188,7 +193,7 @@ class StageDataset(IterableDataset):
             key, members = samples[index]
             rng = np.random.default_rng([self.config.seed, position.epoch, shard, index])
             try:
-                example = self._example(stream, shard, members, rng)
+                example = self._example(stream, shard, key, members, rng, cache)
                 if example is None:
                     continue  # a still or a video left out to reach image_fraction; not bad data
                 if encode is not None:
@@ -206,11 +211,12 @@ class StageDataset(IterableDataset):
                 yield self._collate(batch, role, position, counts)
                 batch = []
 
-    def _example(self, stream: ShardStream, shard: int, members: dict, rng: np.random.Generator) -> dict | None:
+    def _example(self, stream: ShardStream, shard: int, key: str, members: dict, rng: np.random.Generator,
+                 cache: FrameCache | None) -> dict | None:
         is_image = "png" in members and "mp4" not in members
         if rng.random() >= (self._keep_image if is_image else self._keep_video):
             return None
-        return make_example(stream.read(shard, members), self.spec, rng)
+        return make_example(stream.read(shard, members), self.spec, rng, cache, (stream.shards[shard], key))
 
     @staticmethod
     def _encode(encode, caption: str):

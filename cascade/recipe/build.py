@@ -115,6 +115,7 @@ def build_stage_loader(stage: Stage, recipe: Recipe, rank: int = 0, world_size: 
 
     config = LoaderConfig(batch_size=stage.train.batch_size, seed=stage.train.seed,
                           image_fraction=stage.train.image_fraction, max_bad_fraction=recipe.data.max_bad_fraction,
-                          window=recipe.data.bad_window, rank=rank, world_size=world_size, epochs=epochs)
+                          window=recipe.data.bad_window, rank=rank, world_size=world_size, epochs=epochs,
+                          decode_cache_bytes=recipe.data.decode_cache_mb * 2**20)
     dataset = StageDataset(dataset_folder(recipe), clip_spec(stage, recipe), config, text_source=text_source)
     return StageLoader(dataset, num_workers=recipe.data.num_workers)

@@ -317,6 +317,10 @@ class Data(Strict):
     max_bad_fraction: Probability | None = 0.01
     """Stop the run when more than this share of the last `bad_window` samples were bad; None: never."""
     bad_window: PositiveInt = 1000
+    decode_cache_mb: NonNegativeInt = 0
+    """Per DataLoader worker: keep decoded videos (every frame, at the stage's size) in memory, up to this many MiB,
+    least recently used dropped first, so later epochs cut their clips without decoding. For datasets that fit
+    (the tiny demo: 512 videos); the clips are the same either way. 0: decode every sample every time."""
 
     @model_validator(mode="after")
     def _shards_given(self) -> Data:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cascade.data.clips import BadSample, ClipSpec, crop, decode_frames, downsample, make_example
+from cascade.data.clips import (BadSample, ClipSpec, DecodedVideo, FrameCache, crop, decode_frames, downsample,
+                                make_example)
 from cascade.data.loader import DataBudgetExceeded, LoaderConfig, StageDataset, StageLoader, to_model_input
 from cascade.data.shards import ShardSink
 from cascade.data.video import encode_image, encode_video
@@ -120,6 +121,83 @@ def test_frame_windows_start_on_an_input_frame_and_keep_cond_aligned():
     still = {"png": encode_image(ramp_video(3)[0]), "txt": b"x"}  # a still fills a window-long slot too
     example = make_example(still, window, np.random.default_rng(0))
     assert example["is_image"] and example["video"].shape == (3, 4, 16, 16) and example["cond"].shape == (3, 2, 16, 16)
+
+
+def test_decode_cache_cuts_the_clips_decoding_would():
+    """With a FrameCache a video is decoded once, whole; every later clip (random starts, first-frame starts, frame
+    windows, SR inputs, stills) is cut from memory and equals the clip decoded from the bytes, draw for draw."""
+    videos = {f"v{i}": {"mp4": encode_video(ramp_video(i), SOURCE_FPS, crf=0), "txt": b"x"} for i in range(3)}
+    videos["still"] = {"png": encode_image(ramp_video(9)[0]), "txt": b"x"}
+    specs = [TSR, SSR, ClipSpec(**{**BASE.__dict__, "clip_start": "first"}),
+             ClipSpec(**{**TSR.__dict__, "crop_frames": 4})]
+    for spec in specs:
+        cache = FrameCache(64 * 2**20)
+        starts = set()
+        for seed in range(6):
+            for key, sample in videos.items():
+                plain = make_example(sample, spec, np.random.default_rng(seed))
+                cached = make_example(sample, spec, np.random.default_rng(seed), cache, ("shard", key))
+                assert torch.equal(plain["video"], cached["video"]), (spec, key, seed)
+                assert plain.keys() == cached.keys() and all(
+                    torch.equal(plain[k], cached[k]) for k in ("video", "cond") if k in plain)
+                starts.add(int(plain["video"][0, 0, 0, 0]))
+        assert len(cache) == len(videos) and cache.misses == len(videos)
+        assert cache.hits == 5 * len(videos)  # every sample decoded once in six epochs
+        assert len(starts) > (2 if spec.clip_start == "random" else 1)  # the draws did vary
+
+
+def test_decode_cache_keeps_bad_samples_bad():
+    """A cut or garbled video fails with the same reason whether it is decoded or cut from the cache, every time."""
+    rng = np.random.default_rng(0)
+    good = encode_video(ramp_video(0), SOURCE_FPS, crf=0)
+    broken = [good[: int(rng.integers(10, len(good)))] for _ in range(20)] + [good[:200] + rng.bytes(3000)]
+    short = encode_video(ramp_video(0, frames=8), SOURCE_FPS, crf=0)  # 8 frames: too short for 8 at 8 fps
+    cache = FrameCache(64 * 2**20)
+
+    def reason(data, seed, with_cache):
+        try:
+            make_example({"mp4": data, "txt": b"x"}, TSR, np.random.default_rng(seed),
+                         cache if with_cache else None, ("s", len(data)))
+        except BadSample as bad:
+            return bad.reason
+        return "ok"
+
+    reasons = []
+    for data in [*broken, short]:
+        for seed in range(2):
+            plain = reason(data, seed, False)
+            assert reason(data, seed, True) == plain == reason(data, seed, True)  # decoded, then from the cache
+            reasons.append(plain)
+    assert {"undecodable", "too_short"} <= set(reasons)
+
+
+def test_decode_cache_stays_within_its_budget():
+    def video(n):
+        return DecodedVideo(np.zeros((n, 10, 10, 3), np.uint8), 16.0, n, None)  # n * 300 bytes
+
+    cache = FrameCache(max_bytes=1000)
+    cache.put("a", video(1)), cache.put("b", video(1))
+    assert cache.get("a") is not None  # a is now the most recently used
+    cache.put("c", video(2))  # 600 more: b, the least recently used, goes
+    assert cache.get("b") is None and cache.bytes == 900 and len(cache) == 2
+    cache.put("d", video(1))  # a is now the least recently used
+    assert cache.get("a") is None and cache.get("c") is not None and cache.get("d") is not None
+    assert cache.bytes == 900
+    cache.put("huge", video(4))  # larger than the whole budget: not kept, nothing evicted for it
+    assert cache.get("huge") is None and len(cache) == 2 and cache.bytes == 900
+
+
+def test_loader_with_a_decode_cache_yields_the_same_batches(tmp_path):
+    """Three epochs with and without `decode_cache_bytes`: the same keys and the same pixels, batch for batch."""
+    folder = make_dataset(tmp_path / "d", videos=6, images=2, per_shard=3)
+
+    def batches(cache_bytes):
+        config = LoaderConfig(batch_size=2, seed=1, image_fraction=0.25, decode_cache_bytes=cache_bytes)
+        return [b for _, b in zip(range(12), StageLoader(StageDataset(folder, TSR, config)))]
+
+    for plain, cached in zip(batches(0), batches(32 * 2**20), strict=True):
+        assert plain["keys"] == cached["keys"]
+        assert torch.equal(plain["video"], cached["video"]) and torch.equal(plain["cond"], cached["cond"])
 
 
 def test_batches_shapes_and_device_conversion(tmp_path):
