@@ -143,11 +143,13 @@ class DecodedVideo:
 
 class FrameCache:
     """Decoded videos kept in memory, least recently used dropped first beyond `max_bytes`: for a dataset that fits,
-    later epochs cut their clips without decoding. A cached video gives exactly the clip decoding would."""
+    later epochs cut their clips without decoding. A cached video gives exactly the clip decoding would. A video
+    larger than the whole budget (None) is remembered as such and decoded clip by clip."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
         self._videos: OrderedDict[tuple, DecodedVideo] = OrderedDict()
+        self.too_large: set[tuple] = set()
 
     def __len__(self) -> int:
         return len(self._videos)
@@ -161,9 +163,10 @@ class FrameCache:
             self._videos.move_to_end(key)
         return video
 
-    def put(self, key: tuple, video: DecodedVideo) -> None:
-        size = video.frames.nbytes
-        if size > self.max_bytes:
+    def put(self, key: tuple, video: DecodedVideo | None) -> None:
+        size = None if video is None else video.frames.nbytes
+        if size is None or size > self.max_bytes:
+            self.too_large.add(key)
             return
         while self.bytes + size > self.max_bytes:
             self.bytes -= self._videos.popitem(last=False)[1].frames.nbytes
@@ -171,17 +174,22 @@ class FrameCache:
         self.bytes += size
 
 
-def decode_video(data: bytes, size: tuple[int, int]) -> DecodedVideo:
-    """Every frame of a video (or still), each resized to cover `size` = (width, height) with its aspect kept."""
+def decode_video(data: bytes, size: tuple[int, int], max_bytes: int | None = None) -> DecodedVideo | None:
+    """Every frame of a video (or still), each resized to cover `size` = (width, height) with its aspect kept;
+    None when the frames would take more than `max_bytes`."""
     container, stream = _open(data)
     with container:
         source_fps = float(stream.average_rate or stream.guessed_rate or 0)
         out_w, out_h = _cover(stream, size)
+        if max_bytes is not None and (stream.frames or 0) * out_w * out_h * 3 > max_bytes:
+            return None
         frames, error = [], None
         try:
             for frame in container.decode(stream):
                 frames.append(frame.reformat(width=out_w, height=out_h, format="rgb24",
                                              interpolation="AREA").to_ndarray())
+                if max_bytes is not None and len(frames) * out_w * out_h * 3 > max_bytes:
+                    return None
         except (av.error.FFmpegError, OSError, ValueError, MemoryError) as problem:
             error = type(problem).__name__
     array = np.stack(frames) if frames else np.zeros((0, out_h, out_w, 3), np.uint8)
@@ -199,14 +207,15 @@ def decode_frames(data: bytes, frames: int, fps: float, rng: np.random.Generator
     """
     if start not in ("random", "first"):
         raise ValueError(f"clip start must be 'random' or 'first', got {start!r}")
-    if cache is not None:
-        cache_key = (key, size)
+    cache_key = (key, size)
+    if cache is not None and cache_key not in cache.too_large:
         video = cache.get(cache_key)
         if video is None:
-            video = decode_video(data, size)
+            video = decode_video(data, size, cache.max_bytes)
             cache.put(cache_key, video)
-        wanted = _clip_indices(video.listed, video.source_fps or fps, frames, fps, rng, start)
-        return _pick({i: video.frames[i] for i in wanted if i < len(video.frames)}, wanted, video.error)
+        if video is not None:
+            wanted = _clip_indices(video.listed, video.source_fps or fps, frames, fps, rng, start)
+            return _pick({i: video.frames[i] for i in wanted if i < len(video.frames)}, wanted, video.error)
     container, stream = _open(data)
     with container:
         source_fps = float(stream.average_rate or stream.guessed_rate or 0) or fps

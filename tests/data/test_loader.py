@@ -184,7 +184,14 @@ def test_decode_cache_stays_within_its_budget():
     assert cache.get("a") is None and cache.get("c") is not None and cache.get("d") is not None
     assert cache.bytes == 900
     cache.put("huge", video(4))  # larger than the whole budget: not kept, nothing evicted for it
-    assert cache.get("huge") is None and len(cache) == 2 and cache.bytes == 900
+    assert cache.get("huge") is None and len(cache) == 2 and cache.bytes == 900 and cache.too_large == {"huge"}
+    # A real video over budget is never decoded whole: its clips are decoded one by one, as without a cache.
+    data = encode_video(ramp_video(0), SOURCE_FPS, crf=0)  # 32 frames of 48x32, 24x16 once resized
+    small = FrameCache(max_bytes=10 * 24 * 16 * 3)  # room for 10 of them
+    for seed in range(3):
+        clip = decode_frames(data, 4, 4.0, np.random.default_rng(seed), (16, 16), cache=small, key="v")
+        assert np.array_equal(clip, decode_frames(data, 4, 4.0, np.random.default_rng(seed), (16, 16)))
+    assert len(small) == 0 and small.too_large == {("v", (16, 16))} and small.misses == 1
 
 
 def test_loader_with_a_decode_cache_yields_the_same_batches(tmp_path):
