@@ -37,6 +37,20 @@ def test_stage_batch_shapes(recipe, name):
     assert all(c.startswith("a ") for c in batch["captions"])
 
 
+def test_recipe_decode_cache_reaches_the_loader_and_keeps_its_batches(recipe):
+    """`data.decode_cache_mb` (512 in the tiny recipe) sizes each worker's cache; with it, two epochs of the largest
+    stage give the same batches as with 0 (decode every time)."""
+    stage = recipe.stage("ssr3")
+    cached = build_stage_loader(stage, recipe)
+    assert recipe.data.decode_cache_mb == 512 and cached.dataset.config.decode_cache_bytes == 512 * 2**20
+    plain_recipe = recipe.model_copy(deep=True)
+    plain_recipe.data.decode_cache_mb = 0
+    plain = build_stage_loader(plain_recipe.stage("ssr3"), plain_recipe)
+    assert plain.dataset.config.decode_cache_bytes == 0
+    for a, b in zip([b for _, b in zip(range(4), plain)], [b for _, b in zip(range(4), cached)], strict=True):
+        assert a["keys"] == b["keys"] and torch.equal(a["video"], b["video"]) and torch.equal(a["cond"], b["cond"])
+
+
 def test_base_stage_mixes_stills(recipe):
     """A stage with image_fraction > 0 trains on a share of stills (joint image-video training); stages with 0 (the
     tiny recipe's SR stages, and its base, which spends its budget on videos) on videos only."""
