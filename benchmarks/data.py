@@ -6,7 +6,8 @@
 For each stage it runs the real loader (decode with PyAV, clip at the stage's fps, resize, crop, super-resolution
 input from the same clip, uint8 batches) for a fixed time and reports clips/s. With 0 workers the loader runs in
 this process on one core (torch and PyAV threads pinned to 1), which is the per-core figure; with W workers the
-figure is divided by W. Writes benchmarks/results/data-cpu.json.
+figure is divided by W. Each is measured without the decode cache and with the recipe's `data.decode_cache_mb`
+(after one warm-up epoch that fills it: the steady state of a long run). Writes benchmarks/results/data-cpu.json.
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ from results_io import write_results
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(stage, recipe, folder: str, workers: int, seconds: float) -> dict:
+def measure(stage, recipe, folder: str, workers: int, seconds: float, cache_mb: int) -> dict:
     from cascade.data.loader import LoaderConfig, StageDataset, StageLoader
     from cascade.recipe.build import clip_spec
 
     spec = clip_spec(stage, recipe)
     config = LoaderConfig(batch_size=stage.train.batch_size, seed=0, image_fraction=stage.train.image_fraction,
-                          max_bad_fraction=None)
+                          max_bad_fraction=None, decode_cache_bytes=cache_mb * 2**20)
     loader = StageLoader(StageDataset(folder, spec, config), num_workers=workers, prefetch_factor=4 if workers else None)
     clips, start = 0, None
     for batch in loader:
+        if cache_mb and batch["position"]["epoch"] == 0:  # the warm-up epoch that fills the cache
+            continue
         if start is None:  # the first batch pays for worker start-up; time from there
             start = time.perf_counter()
             continue
@@ -43,7 +46,7 @@ def measure(stage, recipe, folder: str, workers: int, seconds: float) -> dict:
             break
     elapsed = time.perf_counter() - start
     per_second = clips / elapsed
-    return dict(stage=stage.name, kind=stage.kind, workers=workers, clips=clips, seconds=elapsed,
+    return dict(stage=stage.name, kind=stage.kind, workers=workers, decode_cache_mb=cache_mb, clips=clips, seconds=elapsed,
                 clips_per_second=per_second, clips_per_second_per_core=per_second / max(workers, 1),
                 clip=[stage.frames, stage.width, stage.height, stage.fps],
                 cond=None if spec.cond_frames is None else [spec.cond_frames, spec.cond_width, spec.cond_height],
@@ -79,16 +82,18 @@ def main() -> int:
         write_synthetic(folder, count=args.count, seed=0, images=args.count // 4, width=last.width,
                         height=last.height, fps=last.fps, seconds=seconds)
     rows = []
-    print(f"{'stage':<6} {'kind':<5} {'clip':<16} {'workers':>7} {'clips/s':>8} {'clips/s/core':>12}")
+    caches = sorted({0, recipe.data.decode_cache_mb})
+    print(f"{'stage':<6} {'kind':<5} {'clip':<16} {'workers':>7} {'cache MiB':>9} {'clips/s':>8} {'clips/s/core':>12}")
     for stage in recipe.stages:
         if args.stages and stage.name not in args.stages:
             continue
         for workers in args.workers:
-            row = measure(stage, recipe, str(folder), workers, args.seconds)
-            rows.append(row)
-            clip = "{}x{}x{}@{:g}".format(*row["clip"])
-            print(f"{row['stage']:<6} {row['kind']:<5} {clip:<16} {workers:>7} {row['clips_per_second']:>8.1f} "
-                  f"{row['clips_per_second_per_core']:>12.1f}", flush=True)
+            for cache_mb in caches:
+                row = measure(stage, recipe, str(folder), workers, args.seconds, cache_mb)
+                rows.append(row)
+                clip = "{}x{}x{}@{:g}".format(*row["clip"])
+                print(f"{row['stage']:<6} {row['kind']:<5} {clip:<16} {workers:>7} {cache_mb:>9} "
+                      f"{row['clips_per_second']:>8.1f} {row['clips_per_second_per_core']:>12.1f}", flush=True)
     write_results(args.out, dict(benchmark="data", recipe=str(args.recipe), dataset=str(folder), rows=rows))
     return 0
 
