@@ -99,6 +99,13 @@ def _open(data: bytes):
     return container, stream
 
 
+DECODE_ERRORS = (av.error.FFmpegError, OSError, ValueError, MemoryError)  # a decoder that stops mid-video
+
+
+def _rgb(frame, width: int, height: int) -> np.ndarray:
+    return frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
+
+
 def _cover(stream, size: tuple[int, int]) -> tuple[int, int]:
     """The frame size that covers `size` = (width, height) with the source's aspect kept."""
     ctx = stream.codec_context
@@ -181,16 +188,16 @@ def decode_video(data: bytes, size: tuple[int, int], max_bytes: int | None = Non
     with container:
         source_fps = float(stream.average_rate or stream.guessed_rate or 0)
         out_w, out_h = _cover(stream, size)
-        if max_bytes is not None and (stream.frames or 0) * out_w * out_h * 3 > max_bytes:
+        limit = None if max_bytes is None else max_bytes // (out_w * out_h * 3)  # frames that fit
+        if limit is not None and (stream.frames or 0) > limit:
             return None
         frames, error = [], None
         try:
             for frame in container.decode(stream):
-                frames.append(frame.reformat(width=out_w, height=out_h, format="rgb24",
-                                             interpolation="AREA").to_ndarray())
-                if max_bytes is not None and len(frames) * out_w * out_h * 3 > max_bytes:
+                frames.append(_rgb(frame, out_w, out_h))
+                if limit is not None and len(frames) > limit:
                     return None
-        except (av.error.FFmpegError, OSError, ValueError, MemoryError) as problem:
+        except DECODE_ERRORS as problem:
             error = type(problem).__name__
     array = np.stack(frames) if frames else np.zeros((0, out_h, out_w, 3), np.uint8)
     return DecodedVideo(array, source_fps, stream.frames or 0, error)
@@ -226,11 +233,10 @@ def decode_frames(data: bytes, frames: int, fps: float, rng: np.random.Generator
         try:
             for index, frame in enumerate(container.decode(stream)):
                 if index in wanted:
-                    picked[index] = frame.reformat(width=out_w, height=out_h, format="rgb24",
-                                                   interpolation="AREA").to_ndarray()
+                    picked[index] = _rgb(frame, out_w, out_h)
                     if len(picked) == len(wanted):
                         break
-        except (av.error.FFmpegError, OSError, ValueError, MemoryError) as problem:
+        except DECODE_ERRORS as problem:
             error = type(problem).__name__
     return _pick(picked, wanted, error)
 
