@@ -10,45 +10,14 @@ from pathlib import Path
 from cascade.recipe import RecipeError, load_recipe
 
 
-def _stage_rows(recipe) -> list[dict]:
-    from cascade.recipe.build import count_parameters
-
-    rows = []
-    for stage in recipe.stages:
-        source = recipe.stage(stage.input) if stage.input else None
-        rows.append(dict(
-            name=stage.name, kind=stage.kind, input=stage.input,
-            input_shape=None if source is None else [source.frames, source.width, source.height, source.fps],
-            output_shape=[stage.frames, stage.width, stage.height, stage.fps],
-            parameters=count_parameters(stage, recipe),
-            sampler=f"{stage.sampler.kind}/{stage.sampler.steps}",
-        ))
-    return rows
-
-
-def _shape(shape) -> str:
-    frames, width, height, fps = shape
-    return f"{frames}x{width}x{height}@{fps:g}"
-
-
 def cmd_validate(args) -> int:
+    from cascade.recipe.summary import format_stages, stage_rows
+
     recipe = load_recipe(args.recipe, args.overrides)
-    rows = _stage_rows(recipe)
     if args.json:
-        print(json.dumps(dict(recipe=str(args.recipe), name=recipe.name, stages=rows), indent=2))
-        return 0
-    print(f"{args.recipe}: {recipe.name}, {len(rows)} stages, text encoder {recipe.text_encoder.path}")
-    header = f"{'stage':<8} {'kind':<5} {'input':<18} {'output':<18} {'params':>9}  sampler"
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        source = "noise + text" if row["input_shape"] is None else _shape(row["input_shape"])
-        params = row["parameters"]
-        size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M" if params >= 1e6 else f"{params / 1e3:.1f}K"
-        print(f"{row['name']:<8} {row['kind']:<5} {source:<18} {_shape(row['output_shape']):<18} {size:>9}  "
-              f"{row['sampler']}")
-    total = sum(r["parameters"] for r in rows)
-    print(f"total: {total / 1e9:.2f}B parameters" if total >= 1e9 else f"total: {total / 1e6:.2f}M parameters")
+        print(json.dumps(dict(recipe=str(args.recipe), name=recipe.name, stages=stage_rows(recipe)), indent=2))
+    else:
+        print(format_stages(recipe, args.recipe))
     return 0
 
 
@@ -74,6 +43,67 @@ def cmd_demo(args) -> int:
     from cascade.demo import demo_command
 
     return demo_command(args)
+
+
+def _stage_of(args):
+    """The recipe with its overrides, and the stage named by --stage (a RecipeError names the stages there are)."""
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        return recipe, recipe.stage(args.stage)
+    except KeyError as error:
+        raise RecipeError(str(args.recipe), [("stages", str(error).strip("'\""))]) from None
+
+
+def cmd_train(args) -> int:
+    recipe, _ = _stage_of(args)
+    from cascade.data.loader import DataBudgetExceeded
+    from cascade.lit.module import NonFiniteLossError
+    from cascade.lit.train import train
+
+    try:
+        folder = train(recipe, args.stage)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, DataBudgetExceeded) as error:  # the run stops loudly, with its last checkpoint kept
+        print(f"error: stage {args.stage} stopped: {error}", file=sys.stderr)
+        return 1
+    print(f"run folder: {folder}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    recipe, _ = _stage_of(args)
+    from cascade.lit.rounds import distill
+
+    try:
+        path = distill(recipe, args.stage, args.teacher)
+    except (FileNotFoundError, ValueError) as error:
+        if isinstance(error, RecipeError):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"distilled student: {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cascade.lit.train import export
+
+    try:
+        path = export(args.checkpoint, args.out)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def add_device_arguments(p, dtype: bool = True) -> None:
+    p.add_argument("--device", help="where the networks run, e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    if dtype:
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                       help="the networks' precision (autocast; the sampler's state stays float32)")
 
 
 def _lazy(module: str, function: str):
@@ -156,12 +186,27 @@ def add_slurm_parsers(sub) -> None:
     p.add_argument("--stages", help="comma-separated stages to train and distill (default: all, then eval + report)")
     p.add_argument("--embed-parts", type=int, default=1, help="slices of the embedding cache (an array job)")
     p.add_argument("--dry-run", action="store_true", help="print the scripts and the graph, submit nothing")
-    p.set_defaults(func=_lazy("cascade.slurm", "submit_command"))
+    p.set_defaults(func=_lazy("cascade.launch.slurm", "submit_command"))
 
     p = slurm.add_parser("status", help="each node of a submitted graph: job id, state, outputs, starts")
     p.add_argument("run", type=Path, help="the run folder (runs/NAME unless the recipe sets run_dir)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_lazy("cascade.slurm", "status_command"))
+    p.set_defaults(func=_lazy("cascade.launch.slurm", "status_command"))
+
+
+def add_recipes_parsers(sub) -> None:
+    p = sub.add_parser("recipes", help="list the built-in recipes (name, stages, description); `cascade recipes cp "
+                       "NAME FILE` copies one to edit", description="Without a subcommand: one line per built-in "
+                       "recipe. A built-in recipe's name (tiny, or recipes/tiny.yaml where that file does not "
+                       "exist) works wherever a recipe file does.")
+    p.set_defaults(func=_lazy("cascade.recipe.commands", "list_command"))
+    actions = p.add_subparsers(dest="recipes_command")
+
+    p = actions.add_parser("cp", help="copy a built-in recipe to FILE to edit it")
+    p.add_argument("name", help="a built-in recipe, e.g. tiny (`cascade recipes` lists them)")
+    p.add_argument("file", type=Path, help="the copy (a folder: FOLDER/NAME.yaml)")
+    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    p.set_defaults(func=_lazy("cascade.recipe.commands", "cp_command"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "without it the networks are randomly initialised")
     p.add_argument("--up-to", help="stop after this stage")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4, help="prompts sampled together")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts sampled together (a video does not depend on "
+                   "its batch: each has its own random stream, from --seed and its index)")
+    add_device_arguments(p)
     p.set_defaults(func=cmd_sample)
 
     add_data_parsers(sub)
@@ -199,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.base.train.max_steps=100")
     p.add_argument("--stage", required=True, help="the stage to train")
-    p.set_defaults(func=_lazy("cascade.lit.train", "train_command"))
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="guidance and progressive distillation of one trained stage (rerun to resume)")
     p.add_argument("recipe", type=Path)
@@ -207,12 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True)
     p.add_argument("--teacher", type=Path, help="teacher weights (.safetensors or a training checkpoint); default: "
                    "the stage's last training checkpoint (EMA weights)")
-    p.set_defaults(func=_lazy("cascade.lit.distill", "distill_command"))
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("export", help="EMA weights of a training checkpoint as safetensors (for cascade sample)")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, required=True, help="STAGE.safetensors")
-    p.set_defaults(func=_lazy("cascade.lit.train", "export_command"))
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="the recipe's whole job graph here: data, embeddings, training and distillation "
                        "of every stage, evaluation, report (rerun to continue; complete steps are skipped)")
@@ -223,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="print the graph and what is complete, run nothing")
     p.add_argument("--jobs", type=int, default=1, help="independent nodes run at the same time, each its own "
                    "process with the CPU threads shared out (default 1: in this process)")
-    p.set_defaults(func=_lazy("cascade.pipeline", "run_command"))
+    p.set_defaults(func=_lazy("cascade.launch.graph", "run_command"))
 
     p = sub.add_parser("step", help="one node of the job graph, e.g. train/base (what a cluster job runs)")
     p.add_argument("recipe", type=Path)
@@ -232,9 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", type=int, help="the slice of an array node (embed)")
     p.add_argument("--parts", type=int, default=1, help="slices of the embed node")
     p.add_argument("--force", action="store_true", help="run it even if its outputs exist")
-    p.set_defaults(func=_lazy("cascade.pipeline", "step_command"))
+    p.set_defaults(func=_lazy("cascade.launch.graph", "step_command"))
 
     add_slurm_parsers(sub)
+    add_recipes_parsers(sub)
 
     p = sub.add_parser("eval", help="evaluate every stage (ground-truth and generated inputs), swept over steps, "
                        "guidance and augmentation: JSON, markdown table, plots")
@@ -252,12 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="videos sampled together (default: eval.batch_size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output folder (default: runs/NAME/eval/CHECKPOINTS-NAME)")
+    add_device_arguments(p)
     p.set_defaults(func=_lazy("cascade.eval.runner", "eval_command"))
 
     p = sub.add_parser("demo", help="the built-in demo: validate the shipped recipes, then sample a video "
                        "from a randomly initialised tiny cascade")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--recipes", type=Path, default=None, help="folder of recipes to validate")
+    p.add_argument("--recipes", type=Path, default=None, help="folder of recipes to validate (default: the built-in "
+                   "ones)")
+    add_device_arguments(p, dtype=False)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -48,8 +48,8 @@ def _fmt(value, percent: bool = False) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def write_report(recipe: Recipe, run: Path, samples: int = 4) -> Path:
-    from cascade.demo import run_sampling
+def write_report(recipe: Recipe, run: Path, samples: int = 4, device=None) -> Path:
+    from cascade.inference import Cascade, write_samples
 
     last = recipe.stages[-1].name
     graph = json.loads((run / "graph.json").read_text()) if (run / "graph.json").is_file() else {}
@@ -112,7 +112,8 @@ def write_report(recipe: Recipe, run: Path, samples: int = 4) -> Path:
         outputs = {}
         for which in evals:
             out = run / "report" / which / "sample.gif"
-            result = run_sampling(recipe, captions, out, checkpoints=run / which, batch_size=len(captions))
+            cascade = Cascade.from_recipe(recipe, run / which, device=device)
+            result = write_samples(cascade, captions, out, batch_size=len(captions))
             outputs[which] = [Path(o["video"]) for o in result["outputs"]]
         for i, caption in enumerate(captions):
             cells = [f"![{w}]({outputs[w][i].resolve().relative_to(run.resolve()).as_posix()})" for w in evals]

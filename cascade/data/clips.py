@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -291,12 +290,3 @@ def make_example(sample: dict, spec: ClipSpec, rng: np.random.Generator, cache: 
         example["cond"] = downsample(video, cond_frames, video.shape[2] // fy, video.shape[3] // fx)
     example["video"] = video.contiguous()
     return example
-
-
-def crop_is_aligned(spec: ClipSpec) -> bool:
-    """A crop must map onto whole pixels of the input stage's resolution."""
-    if spec.crop_width is None or not spec.has_cond:
-        return True
-    fx, fy = spec.width / spec.cond_width, spec.height / spec.cond_height
-    return (fx.is_integer() and fy.is_integer() and spec.crop_width % fx == 0 and spec.crop_height % fy == 0
-            and math.isclose(spec.frames % spec.cond_frames, 0))

@@ -128,6 +128,15 @@ class Scene:
         return cls(**data)
 
 
+def all_captions() -> list[str]:
+    """Every caption the dataset can hold, videos and stills of both splits: e.g. the text a tokenizer for it is
+    trained on when the dataset itself is not at hand."""
+    videos = [Scene(c, s, d, b, 0.3, 0.5, 0.5, 0.0).caption for c, s, d, b in ALL_COMBOS]
+    stills = [Scene(c, s, "left", b, 0.3, 0.5, 0.5, 0.0).image_caption for c, s, b in
+              itertools.product(COLORS, SHAPES, BACKGROUNDS)]
+    return videos + stills
+
+
 def sample_scene(rng: np.random.Generator, split: str = "train", seconds: float = 2.0) -> Scene:
     """A random scene whose shape stays inside the frame (with `MARGIN`) for `seconds`, at any frame aspect.
 

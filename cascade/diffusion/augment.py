@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from cascade.diffusion.param import append_dims
-from cascade.diffusion.schedule import alpha_sigma, logsnr_cosine
+from cascade.diffusion.noise import Generator, randn
+from cascade.diffusion.param import diffuse
+from cascade.diffusion.schedule import logsnr_cosine
 
 
 def _level_dtype(cond: Tensor) -> torch.dtype:
@@ -35,24 +36,17 @@ class NoiseAugmentation:
             raise ValueError(f"sample_logsnr={self.sample_logsnr} is outside the training range "
                              f"[{self.logsnr_min}, {self.logsnr_max}]; the sampling level must be one seen in training")
 
-    @staticmethod
-    def apply(cond: Tensor, aug_logsnr: Tensor, noise: Tensor) -> Tensor:
-        """Forward noising of cond: (B, C, T, H, W) at aug_logsnr: (B,) with noise shaped like cond."""
-        alpha, sigma = (append_dims(c.to(cond.dtype), cond.ndim) for c in alpha_sigma(aug_logsnr))
-        # z = alpha c + sigma eps (forward process q(z | c))
-        return alpha * cond + sigma * noise
-
     def train(self, cond: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(noisy_cond, aug_logsnr (B,)) with a random level per sample."""
         t = torch.rand(cond.shape[0], generator=generator, device=cond.device, dtype=_level_dtype(cond))
         aug_logsnr = logsnr_cosine(t, self.logsnr_min, self.logsnr_max)  # (B,)
         return self._noised(cond, aug_logsnr, generator)
 
-    def sample(self, cond: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample(self, cond: Tensor, generator: Generator = None) -> tuple[Tensor, Tensor]:
         """(noisy_cond, aug_logsnr (B,)) at the fixed sampling level."""
         aug_logsnr = torch.full((cond.shape[0],), self.sample_logsnr, device=cond.device, dtype=_level_dtype(cond))
         return self._noised(cond, aug_logsnr, generator)
 
-    def _noised(self, cond: Tensor, aug_logsnr: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        noise = torch.randn(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
-        return self.apply(cond, aug_logsnr, noise), aug_logsnr
+    def _noised(self, cond: Tensor, aug_logsnr: Tensor, generator: Generator) -> tuple[Tensor, Tensor]:
+        noise = randn(cond.shape, generator, device=cond.device, dtype=cond.dtype)
+        return diffuse(cond, aug_logsnr, noise), aug_logsnr

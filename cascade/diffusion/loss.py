@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cascade.diffusion.param import Denoiser, append_dims, v_from_x_eps
+from cascade.diffusion.param import Denoiser, append_dims, diffuse, v_from_x_eps
 from cascade.diffusion.schedule import alpha_sigma
 
 WEIGHTINGS = ("snr+1", "truncated_snr")
@@ -36,8 +36,7 @@ def diffusion_loss(denoiser: Denoiser, x: Tensor, logsnr: Tensor, noise: Tensor,
     "snr+1" is the plain v-MSE; means are over all non-batch dims.
     """
     alpha, sigma = (append_dims(c, x.ndim) for c in alpha_sigma(logsnr))
-    # z_t = alpha x + sigma eps (forward process q(z_t | x))
-    z = alpha * x + sigma * noise
+    z = diffuse(x, logsnr, noise)
     v = v_from_x_eps(x, noise, alpha, sigma)
     v_hat = denoiser.predict_v(z, logsnr, **cond)
     mse_v = (v - v_hat).square().flatten(1).mean(dim=1)  # (B,)

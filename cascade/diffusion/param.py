@@ -23,6 +23,13 @@ def append_dims(a: Tensor, ndim: int) -> Tensor:
     return a.reshape(*a.shape, *([1] * (ndim - a.ndim)))
 
 
+def diffuse(x: Tensor, logsnr: Tensor, noise: Tensor) -> Tensor:
+    """The forward process: x (B, ...) noised to the levels logsnr (B,) with `noise` shaped like x."""
+    alpha, sigma = (append_dims(c.to(x.dtype), x.ndim) for c in alpha_sigma(logsnr))
+    # z_t = alpha_t x + sigma_t eps, q(z_t | x) (Kingma et al. 2021)
+    return alpha * x + sigma * noise
+
+
 def v_from_x_eps(x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     # v = alpha eps - sigma x (PD sec. 4)
     return alpha * eps - sigma * x

@@ -79,14 +79,17 @@ def default_setting(stage: Stage, fixed_steps: int | None = None) -> dict:
                 aug=None if stage.augmentation is None else stage.augmentation.sample_logsnr)
 
 
-def settings_grid(stage: Stage, plan: EvalPlan, fixed_steps: int | None = None) -> list[dict]:
+def settings_grid(stage: Stage, plan: EvalPlan, fixed_steps: int | None = None,
+                  guidance_range: tuple[float, float] | None = None) -> list[dict]:
     """The settings to sample a stage with: the recipe's, then one axis at a time. Each setting lists the axes
-    whose plot it belongs to (the recipe's setting belongs to all of them)."""
+    whose plot it belongs to (the recipe's setting belongs to all of them). A distilled student keeps its step
+    count (`fixed_steps`); a guidance-distilled one is swept only over the weights it learned (`guidance_range`)."""
     base = default_setting(stage, fixed_steps)
     candidates = [(dict(base), list(AXES))]
     for steps in ([] if fixed_steps else plan.steps):
         candidates.append((dict(base, steps=steps), ["steps"]))
-    for weight in plan.guidance:
+    low, high = guidance_range or (-math.inf, math.inf)
+    for weight in (w for w in plan.guidance if low <= w <= high):
         candidates.append((dict(base, guidance=float(weight), oscillate=None), ["guidance"]))
     if stage.augmentation is not None:
         for level in plan.aug:
@@ -248,30 +251,15 @@ class Metrics:
 # --------------------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------------------
-def _spec(stage: Stage, net, info: dict, setting: dict):
-    from cascade.diffusion import NoiseAugmentation
-    from cascade.recipe.build import build_stage_spec
-
-    spec = build_stage_spec(stage, net, guidance_distilled=info["guidance_distilled"])
-    spec = replace(spec, steps=setting["steps"], guidance=setting["guidance"],
-                   oscillate=None if setting["oscillate"] is None else tuple(setting["oscillate"]))
-    if setting["oscillate"] is None:
-        spec = replace(spec, constant_steps=0)
-    if setting["aug"] is not None:
-        a = stage.augmentation
-        spec = replace(spec, augmentation=NoiseAugmentation(a.logsnr_min, a.logsnr_max, sample_logsnr=setting["aug"]))
-    return spec
-
-
-def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progress: bool = True) -> dict:
-    """Run the evaluation; write eval.json, eval.md and the plots to `out`. Returns the report."""
+def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progress: bool = True,
+             device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32) -> dict:
+    """Run the evaluation on `device` (default: CUDA if available); write eval.json, eval.md and the plots to
+    `out`. Returns the report."""
     from tqdm.auto import tqdm
 
     from cascade.data.video import to_uint8, write_video
-    from cascade.demo import load_networks
-    from cascade.nn.text import FrozenT5
+    from cascade.inference import Cascade
     from cascade.recipe.build import clip_spec
-    from cascade.sampling.cascade import CascadeSampler
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -280,31 +268,30 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
         needed = names[: max(names.index(s) for s in plan.stages) + 1]
     else:  # ground-truth inputs: only the evaluated stages' weights
         needed = [n for n in names if n in plan.stages]
-    nets = load_networks(recipe, checkpoints, needed)
+    cascade = Cascade.from_recipe(recipe, checkpoints, stages=needed, device=device, dtype=dtype)
     folder, what = eval_folder(recipe, plan.num_videos)
     metrics = Metrics(recipe, plan, folder, out / "cache")
     for name, reason in metrics.skipped.items():
         print(f"note: {name} skipped: {reason}", file=sys.stderr)
-    te = recipe.text_encoder
-    encoder = FrozenT5.from_pretrained(te.path, te.max_tokens, te.dtype)
     examples = {name: load_examples(folder, clip_spec(recipe.stage(name), recipe), plan.num_videos)
                 for name in plan.stages}  # the same videos in the same order at every stage's clip shape
     captions = examples[plan.stages[0]]["captions"]
     batches = [(first, min(first + plan.batch_size, plan.num_videos))
                for first in range(0, plan.num_videos, plan.batch_size)]
-    texts = [encoder.encode(captions[a:b]) for a, b in batches]
+    texts = [cascade.encode(captions[a:b]) for a, b in batches]
 
-    def generator(batch: int, stage_index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(plan.seed * 1_000_003 + batch * 101 + stage_index)
+    def fixed_steps(name: str) -> int | None:
+        info = cascade.stages[name].info
+        return info.steps if info.distilled else None
 
     def run(stage: Stage, setting: dict, inputs: list[torch.Tensor | None]) -> tuple[torch.Tensor, dict]:
-        net, info = nets[stage.name]
-        spec = _spec(stage, net, info, setting)
-        index = names.index(stage.name)
+        """Every batch of the stage at one setting; video i draws from its own streams (plan.seed, i, stage), so
+        every setting samples from the same noise (paired comparisons)."""
         videos, nfe, start = [], 0, time.perf_counter()
-        for b, (text, mask) in enumerate(texts):
-            video, nfe = CascadeSampler.sample_stage(spec, text, mask, inputs[b], generator(b, index))
-            videos.append(video)
+        changes = {k: setting[k] for k in ("steps", "guidance", "oscillate", "aug")}
+        for (a, b), (text, mask), low in zip(batches, texts, inputs):
+            video, nfe = cascade.sample_stage(stage.name, text, mask, low, plan.seed, range(a, b), changes)
+            videos.append(video.cpu())
         return torch.cat(videos), dict(nfe_per_video=nfe, seconds=time.perf_counter() - start)
 
     # The recipe's cascade, once: the inputs of every stage's "cascade" mode.
@@ -313,18 +300,16 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
     if "cascade" in plan.modes:
         previous: list[torch.Tensor | None] = [None] * len(batches)
         for stage in tqdm([recipe.stage(n) for n in needed], desc="eval: the recipe's cascade", disable=not progress):
-            fixed = nets[stage.name][1]["steps"] if nets[stage.name][1]["distilled"] else None
-            video, cost = run(stage, default_setting(stage, fixed), previous)
+            video, cost = run(stage, default_setting(stage, fixed_steps(stage.name)), previous)
             default_outputs[stage.name], default_costs[stage.name] = video, cost
             previous = [video[a:b] for a, b in batches]
 
     jobs = []
     for name in plan.stages:
         stage = recipe.stage(name)
-        info = nets[name][1]
         modes = ["text"] if stage.kind == "base" else plan.modes
         for mode in modes:
-            for setting in settings_grid(stage, plan, info["steps"] if info["distilled"] else None):
+            for setting in settings_grid(stage, plan, fixed_steps(name), cascade.guidance_range(name)):
                 jobs.append((stage, mode, setting))
 
     rows, ground_truth = [], {}
@@ -342,15 +327,14 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
             inputs = [cond[a:b] for a, b in batches]
         else:
             inputs = [default_outputs[names[index - 1]][a:b] for a, b in batches]
-        info = nets[stage.name][1]
-        default = default_setting(stage, info["steps"] if info["distilled"] else None)
+        default = default_setting(stage, fixed_steps(stage.name))
         if mode == "cascade" and {k: v for k, v in setting.items() if k != "axes"} == default:
             video, cost = default_outputs[stage.name], default_costs[stage.name]  # same noise: the same samples
         else:
             video, cost = run(stage, setting, inputs)
         videos = to_uint8(video)
         row = dict(stage=stage.name, kind=stage.kind, mode=mode, **setting, **cost,
-                   distilled=nets[stage.name][1]["distilled"], **metrics.score(stage, videos, captions))
+                   distilled=cascade.stages[stage.name].info.distilled, **metrics.score(stage, videos, captions))
         if metrics.fvd_reason(stage):
             row["fvd_skipped"] = metrics.fvd_reason(stage)
         if set(setting["axes"]) == set(AXES):  # keep the recipe setting's first samples for a look
@@ -363,7 +347,7 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
                                                                    videos=plan.num_videos,
                                                                    skipped=examples[plan.stages[0]]["skipped"]),
         plan=asdict(plan), metrics=metrics.describe(),
-        weights={n: nets[n][1] for n in needed}, ground_truth=ground_truth, rows=rows,
+        weights={n: cascade.stages[n].info.summary() for n in needed}, ground_truth=ground_truth, rows=rows,
         seconds=time.perf_counter() - started)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     (out / "eval.md").write_text(markdown(report))
@@ -519,8 +503,8 @@ def eval_command(args) -> int:
         unknown = [m for m in plan.metrics if m not in ("fvd", "clipsim", "probes")]
         if unknown:
             raise ValueError(f"--metrics: {', '.join(unknown)} unknown; metrics are fvd, clipsim, probes")
-        out = args.out or Path(recipe.run_dir or f"runs/{recipe.name}") / "eval" / args.checkpoints.name
-        report = evaluate(recipe, args.checkpoints, out, plan)
+        out = args.out or recipe.run_folder() / "eval" / args.checkpoints.name
+        report = evaluate(recipe, args.checkpoints, out, plan, device=args.device, dtype=args.dtype)
     except (FileNotFoundError, ValueError) as error:
         if isinstance(error, RecipeError):
             raise

@@ -67,10 +67,8 @@ class StepCheckpoint(ModelCheckpoint):
 
 class Preemption(L.Callback):
     """On SIGUSR1 or SIGTERM: finish the current optimizer step (all its micro-batches), save `last.ckpt`, stop; the
-    process then exits 0. At the end of training, `last.ckpt` is saved too.
-
-    Under SLURM, SIGUSR1 is left to Lightning's SLURM environment, which saves and requeues the job.
-    """
+    process then exits 0. At the end of training, `last.ckpt` is saved too. Nothing here requeues a SLURM job: the
+    batch script does (slurm/README.md, "Preemption, time limits, requeue loops")."""
 
     def __init__(self, last_checkpoint: str | Path, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
         self.last_checkpoint = Path(last_checkpoint)

@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cascade.data.loader import to_model_input
 from cascade.lit.randomness import StepRandomness
-from cascade.diffusion import Denoiser, NoiseAugmentation, diffusion_loss, drop_captions, sample_logsnr_train
+from cascade.diffusion import Denoiser, NoiseAugmentation, diffusion_loss, sample_logsnr_train, stage_inputs
 
 BUCKETS = 4  # loss logged per quarter of t (log-SNR from clean to pure noise)
 
@@ -84,15 +84,7 @@ class StageModule(L.LightningModule):
         g = self.randomness.next(self.device, self.global_rank)
         logsnr = sample_logsnr_train(x.shape[0], self.schedule, generator=g, device=self.device).float()
         noise = torch.randn(x.shape, generator=g, device=self.device, dtype=x.dtype)
-        cond = dict(text=inputs["text"], text_mask=drop_captions(inputs["text_mask"], self.text_drop_prob, g),
-                    fps=inputs["fps"], is_image=inputs["is_image"])
-        if "cond" in inputs:  # super-resolution: the low-resolution input, noised at a random level
-            low = inputs["cond"]
-            if self.augmentation is not None:
-                low, aug_logsnr = self.augmentation.train(low, generator=g)
-            else:
-                aug_logsnr = torch.full((x.shape[0],), 20.0, device=self.device)
-            cond.update(cond=low, aug_logsnr=aug_logsnr)
+        cond = stage_inputs(inputs, self.augmentation, training=True, text_drop_prob=self.text_drop_prob, generator=g)
         per_sample = diffusion_loss(self.denoiser, x, logsnr, noise, self.weighting, **cond)  # (B,)
         loss = per_sample.mean()
         speed = self._videos_per_second(len(batch["keys"]))

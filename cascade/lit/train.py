@@ -1,8 +1,8 @@
-"""`cascade train` and `cascade export`: one stage's training run from a recipe, and its EMA weights as safetensors.
+"""One stage's training run from a recipe (Lightning glue), and its EMA weights as safetensors.
 
-The run folder (RUN_DIR/STAGE, RUN_DIR = recipe.run_dir or runs/NAME) holds the resolved recipe, the git commit and
-the environment, checkpoints (every N steps, atomic, the last K plus last.ckpt), CSV logs, a step journal and sample
-videos. Running the same command again resumes from the last checkpoint.
+The stage's run folder (`recipe.run_folder(STAGE)`) holds the resolved recipe, the git commit and the environment,
+checkpoints (every N steps, atomic, the last K plus last.ckpt), CSV logs, a step journal and sample videos. Training
+again resumes from the last checkpoint. `fit` is shared by training and every distillation round.
 """
 
 from __future__ import annotations
@@ -10,21 +10,15 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import yaml
 
-from cascade.recipe import Recipe, RecipeError, load_recipe
+from cascade.recipe import Recipe
 from cascade.recipe.schema import Stage
-
-
-def run_folder(recipe: Recipe, stage: Stage) -> Path:
-    return Path(recipe.run_dir or f"runs/{recipe.name}") / stage.name
 
 
 def git_commit() -> str | None:
@@ -101,9 +95,9 @@ def build_module(recipe: Recipe, stage: Stage, journal: Path | None = None):
 
 
 def resume_checkpoint(folder: Path) -> Path | None:
-    """The newest of last.ckpt and Lightning's SLURM checkpoints (hpc_ckpt_N.ckpt), if any."""
-    candidates = [p for p in [folder / "checkpoints" / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    """The run's last.ckpt, if any (written at a preemption, at the end, and every `train.checkpoint_every`)."""
+    path = folder / "checkpoints" / "last.ckpt"
+    return path if path.is_file() else None
 
 
 def wandb_run_id(folder: Path, recipe: Recipe, stage: Stage) -> str:
@@ -113,7 +107,10 @@ def wandb_run_id(folder: Path, recipe: Recipe, stage: Stage) -> str:
     return f"{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]}-{recipe.name}-{stage.name}"
 
 
-def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_callbacks=()):
+def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_callbacks=(), max_steps: int | None = None,
+                  samples: bool = True):
+    """The stage's Trainer. A given `max_steps` (a distillation round's) replaces train.max_steps and caps the
+    checkpoint cadence; `samples` adds the periodic EMA samples of `logging.sample_every`."""
     import lightning as L
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -122,24 +119,24 @@ def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_call
     from cascade.recipe.build import build_stage_spec
 
     t, launch = stage.train, stage.launch
-    on_slurm = SLURMEnvironment.detect()
+    every = t.checkpoint_every if max_steps is None else min(t.checkpoint_every, max_steps)
+    max_steps = t.max_steps if max_steps is None else max_steps
     checkpoints = StepCheckpoint(dirpath=folder / "checkpoints", filename="step-{step:07d}",
-                                 every_n_train_steps=t.checkpoint_every, save_top_k=t.keep_checkpoints,
+                                 every_n_train_steps=every, save_top_k=t.keep_checkpoints,
                                  monitor="global_step", mode="max", save_last=True, auto_insert_metric_name=False,
                                  enable_version_counter=False)
-    # Under SLURM, SIGUSR1 belongs to Lightning's SLURM environment (checkpoint, then requeue).
-    signals = (signal.SIGTERM,) if on_slurm else (signal.SIGUSR1, signal.SIGTERM)
-    preemption = Preemption(folder / "checkpoints" / "last.ckpt", signals)
+    # SIGUSR1 and SIGTERM: save last.ckpt at a step boundary and stop. Requeueing belongs to the batch script alone
+    # (slurm/README.md, "Preemption, time limits, requeue loops").
+    preemption = Preemption(folder / "checkpoints" / "last.ckpt")
     callbacks = [checkpoints, preemption, *extra_callbacks]
-    if recipe.logging.sample_every is not None:
+    if samples and recipe.logging.sample_every is not None:
         crop = t.crop
         size = dict(width=crop.width, height=crop.height) if crop else {}
         if t.crop_frames is not None:
             size["frames"] = t.crop_frames
 
-        def make_spec(net):
-            spec = build_stage_spec(stage, net)
-            return replace(spec, steps=recipe.logging.sample_steps, **size)
+        def make_spec(net):  # periodic samples: fewer steps, at the training crop
+            return build_stage_spec(stage, net, steps=recipe.logging.sample_steps, **size)
         callbacks.append(SampleVideos(folder / "samples", recipe.logging.sample_every, make_spec,
                                       recipe.logging.sample_count))
     loggers = [ResumableCSVLogger(folder, name="logs", version=0)]
@@ -151,13 +148,13 @@ def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_call
                                    save_dir=str(folder), name=f"{recipe.name}-{stage.name}", id=wandb_run_id(folder, recipe, stage),
                                    resume="allow"))
     plugins = [AtomicCheckpointIO()]
-    if on_slurm:
-        plugins.append(SLURMEnvironment(auto_requeue=True))
+    if SLURMEnvironment.detect():  # Lightning's default would install its own SIGUSR1 requeue handler
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     accelerator = launch.accelerator if launch.accelerator != "gpu" else "cuda"
     strategy = launch.strategy if (launch.gpus_per_node * launch.nodes > 1) else "auto"
     return L.Trainer(
         accelerator=accelerator, devices=launch.gpus_per_node, num_nodes=launch.nodes, strategy=strategy,
-        precision=t.precision, max_steps=t.max_steps, gradient_clip_val=t.grad_clip,
+        precision=t.precision, max_steps=max_steps, gradient_clip_val=t.grad_clip,
         accumulate_grad_batches=t.accumulate_grad_batches, callbacks=callbacks, logger=loggers,
         default_root_dir=folder, deterministic=t.deterministic or None,
         log_every_n_steps=recipe.logging.every_n_steps, use_distributed_sampler=False, limit_val_batches=0,
@@ -165,9 +162,11 @@ def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_call
     )
 
 
-def fit(recipe: Recipe, stage: Stage, folder: Path, module, extra_callbacks=(), label: str | None = None):
+def fit(recipe: Recipe, stage: Stage, folder: Path, module, extra_callbacks=(), label: str | None = None,
+        max_steps: int | None = None, samples: bool = True):
     """Fit `module` on the stage's data in `folder`, resuming from its last checkpoint; returns the trainer.
-    Shared by training and every distillation round. `stage.train` sets steps, cadence and precision."""
+    Shared by training and every distillation round (which sets its own `max_steps`, without samples);
+    `stage.train` sets the checkpoint cadence and precision."""
     from cascade.lit.data import StageDataModule
     from cascade.recipe.build import build_stage_loader, build_text_source
 
@@ -176,7 +175,7 @@ def fit(recipe: Recipe, stage: Stage, folder: Path, module, extra_callbacks=(), 
         torch.use_deterministic_algorithms(True)
     text = build_text_source(recipe)
     data = StageDataModule(lambda rank, world: build_stage_loader(stage, recipe, rank, world, text_source=text))
-    trainer = build_trainer(recipe, stage, folder, module, extra_callbacks)
+    trainer = build_trainer(recipe, stage, folder, module, extra_callbacks, max_steps, samples)
     ckpt = resume_checkpoint(folder)
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming {label or stage.name} from {ckpt}", flush=True)
@@ -190,16 +189,21 @@ def fit(recipe: Recipe, stage: Stage, folder: Path, module, extra_callbacks=(), 
 
 
 def check_text_encoder(recipe: Recipe) -> None:
-    path = recipe.text_encoder.path
-    if not Path(path).exists() and path.startswith((".", "/", "runs")):
-        raise FileNotFoundError(f"text encoder folder {path} does not exist; for the tiny recipe build it with "
-                                f"`cascade data tiny-t5 --shards {recipe.data.root} --out {path}`")
+    """Fail before any work when the recipe's text encoder cannot be loaded here (FileNotFoundError)."""
+    from cascade.nn.text import locate_text_encoder
+
+    try:
+        locate_text_encoder(recipe.text_encoder.path)
+    except FileNotFoundError as error:
+        hint = (f"; build it with `cascade data tiny-t5 --shards {recipe.data.root} --out {recipe.text_encoder.path}`"
+                if recipe.text_encoder.build_tiny else "")
+        raise FileNotFoundError(f"text_encoder.path: {error}{hint}") from None
 
 
 def train(recipe: Recipe, stage_name: str, extra_callbacks=(), module_hook=None) -> Path:
     """Train (or resume) one stage. Returns the run folder."""
     stage = recipe.stage(stage_name)
-    folder = run_folder(recipe, stage)
+    folder = recipe.run_folder(stage.name)
     ensure_dataset(recipe)
     check_text_encoder(recipe)
     module = build_module(recipe, stage, journal=folder / "train_steps.jsonl")
@@ -207,32 +211,6 @@ def train(recipe: Recipe, stage_name: str, extra_callbacks=(), module_hook=None)
         module_hook(module)
     fit(recipe, stage, folder, module, extra_callbacks)
     return folder
-
-
-def load_for_stage(args) -> tuple[Recipe, Stage]:
-    """The recipe with its overrides, and the stage named by --stage (a RecipeError names the stages there are)."""
-    recipe = load_recipe(args.recipe, args.overrides)
-    try:
-        return recipe, recipe.stage(args.stage)
-    except KeyError as error:
-        raise RecipeError(str(args.recipe), [("stages", str(error).strip("'\""))]) from None
-
-
-def train_command(args) -> int:
-    recipe, _ = load_for_stage(args)
-    from cascade.data.loader import DataBudgetExceeded
-    from cascade.lit.module import NonFiniteLossError
-
-    try:
-        folder = train(recipe, args.stage)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, DataBudgetExceeded) as error:  # the run stops loudly, with its last checkpoint kept
-        print(f"error: stage {args.stage} stopped: {error}", file=sys.stderr)
-        return 1
-    print(f"run folder: {folder}")
-    return 0
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
@@ -252,13 +230,3 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out), metadata=metadata)
     return out
-
-
-def export_command(args) -> int:
-    try:
-        path = export(args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0

@@ -4,7 +4,6 @@ tiny randomly initialised T5 in the same folder layout for tests and the demo.""
 from __future__ import annotations
 
 import io
-import itertools
 import re
 import tempfile
 import unicodedata
@@ -17,13 +16,23 @@ from torch import Tensor, nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# What the tiny T5's tokenizer is trained on when no captions are given: the synthetic dataset's kind of caption.
-_COLORS = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange"]
-_SHAPES = ["circle", "square", "triangle", "star"]
-_MOTIONS = ["moving left", "moving right", "moving up", "moving down", "bouncing", "spinning", "growing", "shrinking"]
-_BACKGROUNDS = ["black", "gray", "white", "dark blue"]
-BUILTIN_CAPTIONS = [f"a {c} {s} {m} on a {b} background"
-                    for c, s, m, b in itertools.product(_COLORS, _SHAPES, _MOTIONS, _BACKGROUNDS)]
+
+def locate_text_encoder(path: str | Path) -> str:
+    """Where the encoder at `path` is read from: "folder" (a `save_pretrained` folder), "cache" (a hub id already in
+    the local hub cache) or "hub" (a hub id to download). A path that exists is a folder and must hold config.json;
+    one that does not exist is a hub id only if it is written like one (`name` or `org/name`, no file suffix, not
+    starting with . or /); anything else is a missing folder. Raises FileNotFoundError naming the path."""
+    from huggingface_hub import try_to_load_from_cache
+
+    text = str(path)
+    if Path(text).exists():
+        if not (Path(text) / "config.json").is_file():
+            raise FileNotFoundError(f"text encoder folder {text} has no config.json (expected the layout "
+                                    f"`save_pretrained` writes)")
+        return "folder"
+    if not re.fullmatch(r"[A-Za-z0-9][\w-]*(/[\w.-]+)?", text) or Path(text).suffix:
+        raise FileNotFoundError(f"text encoder folder {text} does not exist")
+    return "cache" if isinstance(try_to_load_from_cache(text, "config.json"), str) else "hub"
 
 
 class FrozenT5(nn.Module):
@@ -38,17 +47,9 @@ class FrozenT5(nn.Module):
                         device: str | torch.device = "cpu") -> FrozenT5:
         """`path` is a folder in the `save_pretrained` layout or a hub id; a folder, or a hub id already in the
         local hub cache, is read offline."""
-        from huggingface_hub import try_to_load_from_cache
         from transformers import AutoTokenizer, T5EncoderModel
 
-        folder = Path(path).is_dir()
-        hub_id = re.fullmatch(r"[\w-]+(/[\w.-]+)?", str(path)) and not Path(path).suffix
-        if not folder and not hub_id:
-            raise FileNotFoundError(f"text encoder folder {path} does not exist")
-        if folder and not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"text encoder folder {path} has no config.json (expected the layout "
-                                    f"`save_pretrained` writes)")
-        local = folder or isinstance(try_to_load_from_cache(str(path), "config.json"), str)
+        local = locate_text_encoder(path) != "hub"
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=local)
         encoder = T5EncoderModel.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=local)
         return cls(tokenizer, encoder.to(device), max_tokens)
@@ -109,10 +110,10 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int = 256, seed: in
     return proto.SerializeToString(deterministic=True)
 
 
-def build_tiny_t5(folder: str | Path, captions: Iterable[str] | None = None, dim: int = 64, layers: int = 2,
+def build_tiny_t5(folder: str | Path, captions: Iterable[str], dim: int = 64, layers: int = 2,
                   heads: int = 4, vocab_size: int = 256, seed: int = 0) -> Path:
     """A randomly initialised tiny T5 (v1.1 layout: gated-GELU) whose sentencepiece tokenizer is trained on
-    `captions` (default: a built-in list of synthetic-style captions), saved like a real checkpoint: config.json,
+    `captions` (a dataset's, or `cascade.data.synthetic.all_captions()`), saved like a real checkpoint: config.json,
     model.safetensors, spiece.model, tokenizer.json, tokenizer_config.json. `FrozenT5.from_pretrained` and
     `AutoTokenizer` load it offline as the real `T5Tokenizer`. vocab_size bounds the sentencepiece pieces; the
     model's embedding table also holds T5's 100 sentinel ids."""
@@ -120,7 +121,7 @@ def build_tiny_t5(folder: str | Path, captions: Iterable[str] | None = None, dim
 
     if dim % heads:
         raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
-    captions = BUILTIN_CAPTIONS if captions is None else [str(c) for c in captions]
+    captions = [str(c) for c in captions]
     if not captions:
         raise ValueError("no captions to train the tokenizer on")
     folder = Path(folder)

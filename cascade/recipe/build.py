@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 
 from cascade.recipe.schema import Recipe, Stage
@@ -39,8 +42,8 @@ def build_schedule(stage: Stage):
 
     s = stage.diffusion.schedule
     shift = 0.0
-    if s.shift_base_resolution is not None:
-        shift = resolution_shift(max(stage.width, stage.height), s.shift_base_resolution)
+    if s.shift_base_resolution is not None:  # a W x H frame counts as the square of the same pixel count
+        shift = resolution_shift(math.sqrt(stage.width * stage.height), s.shift_base_resolution)
     return CosineSchedule(logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, shift=shift)
 
 
@@ -53,21 +56,49 @@ def build_augmentation(stage: Stage):
     return NoiseAugmentation(a.logsnr_min, a.logsnr_max, sample_logsnr=a.sample_logsnr)
 
 
-def build_stage_spec(stage: Stage, net, guidance_distilled: bool = False):
-    """A `StageSpec` for the cascade sampler from a stage recipe and its network."""
+_RECIPE = object()  # "the recipe's value" where None has a meaning of its own
+
+
+def build_stage_spec(stage: Stage, net, *, guidance_distilled: bool = False, steps: int | None = None,
+                     sampler: str | None = None, guidance: float | None = None, oscillate=_RECIPE,
+                     aug_logsnr: float | None = None, frames: int | None = None, width: int | None = None,
+                     height: int | None = None):
+    """A `StageSpec` for the cascade sampler from a stage recipe and its network, with the recipe's sampling
+    settings unless given: steps, sampler, guidance weight, oscillate ((high, low) or None for constant guidance),
+    the input's augmentation log-SNR, and the sampled size (e.g. the training crop)."""
     from cascade.diffusion import Denoiser
     from cascade.sampling.cascade import StageSpec
 
     g = stage.guidance
+    if oscillate is _RECIPE:
+        oscillate = None if g.oscillate is None else (g.oscillate.high, g.oscillate.low)
+        constant_steps = 0 if g.oscillate is None else g.oscillate.constant_steps
+    else:
+        constant_steps = 0 if oscillate is None or g.oscillate is None else g.oscillate.constant_steps
+    augmentation = build_augmentation(stage)
+    if aug_logsnr is not None and augmentation is not None:
+        augmentation = replace(augmentation, sample_logsnr=aug_logsnr)
     return StageSpec(
-        name=stage.name, kind=stage.kind, frames=stage.frames, height=stage.height, width=stage.width, fps=stage.fps,
-        denoiser=Denoiser(net, stage.diffusion.parameterization), schedule=build_schedule(stage),
-        sampler=stage.sampler.kind, steps=stage.sampler.steps, gamma=stage.sampler.gamma, guidance=g.weight,
-        oscillate=None if g.oscillate is None else (g.oscillate.high, g.oscillate.low),
-        constant_steps=0 if g.oscillate is None else g.oscillate.constant_steps,
-        dynamic_threshold=g.dynamic_threshold, augmentation=build_augmentation(stage),
+        name=stage.name, kind=stage.kind, frames=frames or stage.frames, height=height or stage.height,
+        width=width or stage.width, fps=stage.fps, denoiser=Denoiser(net, stage.diffusion.parameterization),
+        schedule=build_schedule(stage), sampler=sampler or stage.sampler.kind, steps=steps or stage.sampler.steps,
+        gamma=stage.sampler.gamma, guidance=g.weight if guidance is None else guidance, oscillate=oscillate,
+        constant_steps=constant_steps, dynamic_threshold=g.dynamic_threshold, augmentation=augmentation,
         guidance_distilled=guidance_distilled,
     )
+
+
+def build_distillation_rounds(stage: Stage):
+    """The stage's distillation rounds (`cascade.distill.Round`): guidance distillation when `distill.guidance` is
+    set, then the progressive halvings."""
+    from cascade.distill import distillation_rounds
+
+    d = stage.distill
+    g, p = d.guidance, d.progressive
+    return distillation_rounds(build_schedule(stage), start_steps=p.start_steps, end_steps=p.end_steps,
+                               steps_per_round=p.steps_per_round, lr=p.lr, weighting=p.loss_weighting,
+                               guidance=None if g is None else (g.w_min, g.w_max),
+                               guidance_steps=g and g.max_steps, guidance_lr=g and g.lr)
 
 
 def dataset_folder(recipe: Recipe) -> str:

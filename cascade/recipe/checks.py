@@ -75,6 +75,14 @@ def _chain_problems(at: str, stage, source) -> list[tuple[str, str]]:
                 stage.width == source.width and stage.height == source.height):
             problems.append((f"{at}.width", f"an ssr stage must grow its input's size {source.width}x"
                              f"{source.height}, got {stage.width}x{stage.height}"))
+    crop = stage.train.crop
+    if crop is not None:  # a crop starts on an input pixel and covers whole input pixels (cond covers the region)
+        for axis in ("width", "height"):
+            ratio, size = getattr(stage, axis) / getattr(source, axis), getattr(crop, axis)
+            if not ratio.is_integer() or size % ratio:
+                problems.append((f"{at}.train.crop.{axis}", f"crop {axis} {size} does not cover whole pixels of "
+                                 f"the input stage (its {axis} {getattr(source, axis)} -> {getattr(stage, axis)}: "
+                                 f"the crop must be a multiple of an integer ratio)"))
     # Duration = frames / fps is shared by the whole cascade: TSR raises fps with frames, SSR keeps both.
     if not math.isclose(stage.frames / stage.fps, source.frames / source.fps, rel_tol=1e-6):
         problems.append((f"{at}.fps", f"fps {stage.fps:g} with {stage.frames} frames gives a different duration "

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from cascade.recipe.builtin import resolve_recipe_path
 from cascade.recipe.checks import cascade_problems
 from cascade.recipe.schema import Recipe
 
@@ -170,8 +171,12 @@ def _stage_by_name(stages: list, segment: str, dotted: str) -> dict:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, merge, override and validate a recipe. Raises RecipeError with every problem found."""
-    path = Path(path)
+    """Read, merge, override and validate a recipe: a file, or a built-in one by name (`tiny`, or a path such as
+    recipes/tiny.yaml that does not exist here). Raises RecipeError with every problem found."""
+    try:
+        path = resolve_recipe_path(path)
+    except FileNotFoundError as error:
+        raise RecipeError(str(path), [("", f"cannot read the recipe: {error}")]) from None
     data = read_yaml(path)
     parent = data.get("extends")
     if parent is not None:
@@ -192,7 +197,16 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         except RecipeError as error:  # name the recipe and the override, not just "command line"
             raise RecipeError(f"{path} (override {text!r})", error.problems) from None
     source = str(path) + (" (with command-line overrides)" if overrides else "")
-    return validate_data(data, source)
+    recipe = validate_data(data, source)
+    recipe.record_overrides([_named_path(parse_override(text)[0], data) for text in overrides])
+    return recipe
+
+
+def _named_path(path: list[str], data: dict) -> str:
+    """An override's dotted path with the stage given by name (`stages.0.x` -> `stages.base.x`)."""
+    if len(path) > 1 and path[0] == "stages" and path[1].isdigit() and int(path[1]) < len(data.get("stages", [])):
+        path = ["stages", str(data["stages"][int(path[1])].get("name")), *path[2:]]
+    return ".".join(path)
 
 
 def validate_data(data: dict, source: str) -> Recipe:

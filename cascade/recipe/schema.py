@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -96,7 +97,8 @@ class Schedule(Strict):
     logsnr_max: float = 20.0
     """log-SNR at t = 0 (clean end)."""
     shift_base_resolution: PositiveInt | None = None
-    """Resolution-shifted schedule: log-SNR + 2 log(base / max(width, height)). None: no shift."""
+    """Resolution-shifted schedule (simple diffusion, for d x d images): log-SNR + 2 log(base / d), with d =
+    sqrt(width x height) for a W x H frame (the square of the same pixel count). None: no shift."""
 
     @model_validator(mode="after")
     def _ordered(self) -> Schedule:
@@ -389,6 +391,23 @@ class Recipe(Strict):
     eval: Eval = Eval()
     logging: Logging = Logging()
     cluster: Cluster = Cluster()
+
+    _overrides: list[str] = PrivateAttr(default_factory=list)
+
+    def record_overrides(self, paths: list[str]) -> None:
+        """Remember the dotted paths set on the command line (`load_recipe` does), for `overridden`."""
+        self._overrides = list(paths)
+
+    def overridden(self, path: str) -> bool:
+        """Whether `path` (e.g. stages.base.sampler.steps) was set by a command-line override, itself or through a
+        section that holds it (stages.base.sampler={...})."""
+        return any(path == o or path.startswith(o + ".") for o in self._overrides)
+
+    def run_folder(self, stage: str | None = None) -> Path:
+        """The run folder (`run_dir`, default runs/NAME), or a stage's folder inside it: every path a run writes
+        (checkpoints, teachers/, distilled/, eval/, slurm/, report.md) is under it."""
+        root = Path(self.run_dir or f"runs/{self.name}")
+        return root if stage is None else root / stage
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:

@@ -1,7 +1,8 @@
 """The cascade sampler: run every stage in order, each conditioned on the previous stage's output.
 
-Pure PyTorch (no Lightning): `CascadeSampler(stages).sample(text, text_mask)`. A stage is described by a
-`StageSpec`; `cascade.recipe.build.build_cascade_sampler` makes them from a recipe.
+Pure PyTorch (no Lightning): `CascadeSampler(stages).sample(text, text_mask, seed)`. A stage is described by a
+`StageSpec`; `cascade.recipe.build.build_stage_spec` makes one from a recipe and `cascade.inference.Cascade` loads a
+whole cascade (weights, text encoder, device) from a recipe.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 from torch import Tensor
 
 from cascade.diffusion.augment import NoiseAugmentation
+from cascade.diffusion.inputs import stage_inputs
+from cascade.diffusion.noise import Generator, VideoGenerators, randn
 from cascade.sampling.guidance import GuidedModel, dynamic_threshold, guidance_weights
 from cascade.sampling.samplers import sample
 from cascade.sampling.steps import time_grid
@@ -60,16 +63,21 @@ class CascadeSampler:
         self.stages = list(stages)
 
     @torch.no_grad()
-    def sample(self, text: Tensor, text_mask: Tensor, generator: torch.Generator | None = None,
+    def sample(self, text: Tensor, text_mask: Tensor, seed: int = 0, indices: Sequence[int] | None = None,
                up_to: str | None = None, progress: bool = True) -> CascadeResult:
-        """text: (B, L, D) T5 embeddings, text_mask: (B, L) bool. Returns every stage's output."""
+        """text: (B, L, D) T5 embeddings, text_mask: (B, L) bool. Returns every stage's output.
+
+        Video b draws all its noise from its own generators, seeded from (seed, indices[b], stage number), on the
+        text's device: it is the same whatever the batch and the other prompts (indices default to 0..B-1)."""
         names = [s.name for s in self.stages]
         if up_to is not None and up_to not in names:
             raise ValueError(f"no stage named {up_to!r}; stages are {', '.join(names)}")
+        indices = list(range(text.shape[0])) if indices is None else list(indices)
         result = CascadeResult(videos={})
         previous: Tensor | None = None
-        for stage in self.stages:
+        for number, stage in enumerate(self.stages):
             start = time.perf_counter()
+            generator = VideoGenerators(seed, indices, stream=number, device=text.device)
             video, nfe = self.sample_stage(stage, text, text_mask, previous, generator, progress)
             result.videos[stage.name] = video
             result.stats.append(dict(stage=stage.name, kind=stage.kind, sampler=stage.sampler, steps=stage.steps,
@@ -85,19 +93,15 @@ class CascadeSampler:
 
     @staticmethod
     def sample_stage(stage: StageSpec, text: Tensor, text_mask: Tensor, previous: Tensor | None,
-                     generator: torch.Generator | None = None, progress: bool = False) -> tuple[Tensor, int]:
-        """One stage: noise -> video (B, 3, T, H, W) in [-1, 1]; also returns network evaluations per video."""
+                     generator: Generator = None, progress: bool = False) -> tuple[Tensor, int]:
+        """One stage: noise -> video (B, 3, T, H, W) in [-1, 1]; also returns network evaluations per video.
+        Draws, in order: the input's augmentation noise, the initial noise, the sampler's noise."""
         batch, device = text.shape[0], text.device
-        cond: dict[str, Tensor] = dict(text=text, text_mask=text_mask,
-                                       fps=torch.full((batch,), float(stage.fps), device=device))
-        if stage.kind != "base":
-            if previous is None:
-                raise ValueError(f"stage {stage.name} needs the previous stage's output")
-            if stage.augmentation is None:
-                cond.update(cond=previous, aug_logsnr=torch.full((batch,), 20.0, device=device))
-            else:  # fixed augmentation level at sampling, in the units used in training (Imagen Video §2.5)
-                noisy, aug_logsnr = stage.augmentation.sample(previous, generator)
-                cond.update(cond=noisy, aug_logsnr=aug_logsnr)
+        if stage.kind != "base" and previous is None:
+            raise ValueError(f"stage {stage.name} needs the previous stage's output")
+        low = {} if stage.kind == "base" else {"cond": previous}
+        cond = stage_inputs(dict(text=text, text_mask=text_mask, fps=stage.fps, **low), stage.augmentation,
+                            generator=generator)
         weights = guidance_weights(stage.steps, stage.guidance, stage.oscillate, stage.constant_steps)
         percentile = stage.dynamic_threshold
         if stage.guidance_distilled:  # one pass per step: the student takes w as input (Meng et al. 2023)
@@ -119,7 +123,7 @@ class CascadeSampler:
             model = GuidedModel(fn, weights, thresholding=None if percentile is None else "dynamic",
                                 percentile=percentile or 99.5)
             nfe = lambda: model.nfe  # noqa: E731
-        z = torch.randn((batch, 3, stage.frames, stage.height, stage.width), generator=generator, device=device)
+        z = randn((batch, 3, stage.frames, stage.height, stage.width), generator, device=device)
         logsnrs = time_grid(stage.steps, stage.schedule)
         extra = {"gamma": stage.gamma} if stage.sampler == "ancestral" else {}
         if stage.sampler in ("ancestral", "stochastic"):

@@ -61,7 +61,8 @@ def _check_percentile(percentile: float) -> None:
 def dynamic_threshold(x: Tensor, percentile: float = 99.5) -> Tensor:
     """Imagen's dynamic thresholding of x_hat: (B, ...) -> (B, ...) within [-1, 1].
 
-    `percentile` is in 0-100 (Imagen shows 99.5), not a fraction. Samples with s <= 1 are unchanged.
+    `percentile` is in 0-100 (Imagen shows 99.5), not a fraction. s is at least 1, so a sample whose percentile
+    is at most 1 is clipped to [-1, 1] (static thresholding), not left unchanged.
     """
     _check_percentile(percentile)
     # s = max(p-th percentile of |x|, 1); x <- clip(x, -s, s) / s (Imagen sec. 2.3)

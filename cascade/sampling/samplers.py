@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from cascade.diffusion.noise import Generator, randn
 from cascade.sampling.steps import ancestral_step, ddim_step, renoise_step
 
 Model = Callable[[Tensor, Tensor, int], Tensor]
@@ -43,8 +44,8 @@ def _predict(model: Model, z: Tensor, logsnr: float, step: int, callback: Callba
     return x_hat
 
 
-def _noise(z: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+def _noise(z: Tensor, generator: Generator) -> Tensor:
+    return randn(z.shape, generator, dtype=z.dtype, device=z.device)
 
 
 @torch.no_grad()
@@ -61,7 +62,7 @@ def sample_ddim(model: Model, z: Tensor, logsnrs: Sequence[float] | Tensor, call
 
 @torch.no_grad()
 def sample_ancestral(model: Model, z: Tensor, logsnrs: Sequence[float] | Tensor, gamma: float = 0.3,
-                     generator: torch.Generator | None = None, callback: Callback | None = None,
+                     generator: Generator = None, callback: Callback | None = None,
                      progress: bool = False) -> Tensor:
     """Ancestral sampler of VDM / Imagen Video with stochasticity gamma in [0, 1] (VDM uses 0.1-0.3)."""
     lams = _floats(logsnrs)
@@ -74,7 +75,7 @@ def sample_ancestral(model: Model, z: Tensor, logsnrs: Sequence[float] | Tensor,
 
 @torch.no_grad()
 def sample_stochastic(model: Model, z: Tensor, logsnrs: Sequence[float] | Tensor,
-                      generator: torch.Generator | None = None, callback: Callback | None = None,
+                      generator: Generator = None, callback: Callback | None = None,
                       progress: bool = False) -> Tensor:
     """N-step stochastic sampler for distilled models (Meng et al. 2023): N model evaluations.
 

@@ -212,3 +212,17 @@ def test_bad_arguments_exit_2(tmp_path, capsys, flags, message):
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_all_captions_is_every_caption_the_dataset_can_hold():
+    """The tiny T5's tokenizer is trained on `all_captions()` where the dataset is not at hand (`cascade demo`):
+    one list, derived from the dataset's own vocabulary, so the two cannot drift apart."""
+    from cascade.data.synthetic import all_captions
+
+    captions = set(all_captions())
+    assert len(captions) == len(ALL_COMBOS) + len(COLORS) * len(SHAPES) * len(BACKGROUNDS)
+    rng = np.random.default_rng(0)
+    for split in ("train", "heldout"):
+        for _ in range(300):
+            scene = sample_scene(rng, split)
+            assert scene.caption in captions and scene.image_caption in captions

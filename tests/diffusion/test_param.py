@@ -3,7 +3,7 @@ import torch
 
 from cascade.diffusion.analytic import GaussianDenoiser
 from cascade.diffusion.param import (
-    Denoiser, append_dims, eps_from_v, eps_from_x, v_from_eps, v_from_x, v_from_x_eps, x_from_eps, x_from_v,
+    Denoiser, append_dims, diffuse, eps_from_v, eps_from_x, v_from_eps, v_from_x, v_from_x_eps, x_from_eps, x_from_v,
 )
 from cascade.diffusion.schedule import alpha_sigma
 
@@ -86,3 +86,13 @@ def test_half_precision_z_gets_float32_logsnr():
     den = Denoiser(lambda z, logsnr: seen.append(logsnr.dtype) or torch.zeros_like(z), "v")
     den(torch.randn(2, 3, dtype=torch.bfloat16), torch.tensor([13.7, -2.0]))
     assert seen == [torch.float32]
+
+
+def test_diffuse_is_forward_noising_per_sample():
+    cond = torch.randn(3, 2, 2, 4, 4, dtype=torch.float64)
+    noise = torch.randn_like(cond)
+    lam = torch.tensor([-2.0, 0.0, 3.0], dtype=torch.float64)
+    out = diffuse(cond, lam, noise)
+    for i in range(3):
+        a, s = torch.sigmoid(lam[i]).sqrt(), torch.sigmoid(-lam[i]).sqrt()
+        torch.testing.assert_close(out[i], a * cond[i] + s * noise[i])

@@ -81,7 +81,7 @@ def test_an_interrupted_round_resumes_exactly(overrides, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from cascade.lit.distill import distill
+    from cascade.lit.rounds import distill
 
     rounds = ["stages.base.distill.guidance.max_steps=4", "stages.base.distill.progressive.steps_per_round=3",
               "stages.base.distill.progressive.start_steps=16", "stages.base.distill.progressive.end_steps=8",
@@ -98,3 +98,112 @@ def test_an_interrupted_round_resumes_exactly(overrides, tmp_path):
         students.append(load_file(str(distill(recipe, "base"))))
     assert students[0].keys() == students[1].keys()
     assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
+def test_a_student_says_how_it_samples_and_loaders_hold_it_to_that(distilled, tmp_path, capsys):
+    """The student records its method, steps and sampler; an explicit step count or a guidance weight it cannot
+    honour is refused naming the stage; eval sweeps guidance only within the w range it learned."""
+    runs, overrides = distilled
+    with safe_open(str(runs / "distilled" / "base.safetensors"), "pt") as file:
+        meta = file.metadata()
+    assert (meta["cascade.method"], meta["cascade.steps"], meta["cascade.sampler"]) == ("progressive", "4", "ddim")
+    with safe_open(str(runs / "base" / "distill" / "guidance" / "student.safetensors"), "pt") as file:
+        assert (file.metadata()["cascade.method"], file.metadata()["cascade.steps"]) == ("guidance", "16")
+    sample = ["sample", str(TINY), *overrides, "--checkpoints", str(runs / "distilled"), "--up-to", "base",
+              "--prompt", "a red circle moving left on a black background", "--out", str(tmp_path / "s.mp4")]
+    capsys.readouterr()
+    assert main([*sample, "stages.base.sampler.steps=8"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.base.sampler.steps" in err and "distilled student" in err and "4 ddim steps" in err
+    assert main([*sample, "stages.base.sampler.steps=4"]) == 0  # what it was distilled for: fine
+    assert main([*sample, "stages.base.guidance.weight=6"]) == 2
+    assert "outside [0, 4]" in capsys.readouterr().err
+    out = tmp_path / "eval"
+    assert main(["eval", str(TINY), *overrides, "--checkpoints", str(runs / "distilled"), "--stages", "base",
+                 "--num-videos", "2", "--batch-size", "2", "--guidance", "0,2,6", "--steps", "8,16", "--aug", "",
+                 "--metrics", "probes", "--out", str(out), f"data.root={tmp_path / 'heldout'}"]) == 0
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert sorted({r["guidance"] for r in rows}) == [0.0, 1.0, 2.0] and {r["steps"] for r in rows} == {4}
+
+
+class Regression:
+    """A third distillation method, written as a user would: plain knowledge distillation (the student regresses
+    the teacher's x_hat at continuous levels). It records what the loop gives it."""
+
+    name, sampler, guidance_input, w_range = "regression", "ddim", False, None
+
+    def __init__(self, schedule, steps):
+        self.schedule, self.student_steps, self.masks = schedule, steps, []
+
+    def draw(self, batch, generator, device):
+        from cascade.diffusion import sample_logsnr_train
+        from cascade.distill import Draw
+
+        return Draw(sample_logsnr_train(batch, self.schedule, generator=generator, device=device).float())
+
+    def target(self, teacher, z, draw, cond):
+        import torch
+
+        self.masks.append(cond["text_mask"].any(dim=1))
+        with torch.no_grad():
+            return teacher(z, draw.logsnr, **cond)
+
+    def loss(self, x_hat, target, draw):
+        return (x_hat - target).square().flatten(1).mean(1)
+
+    def student_inputs(self, cond, draw):
+        return cond
+
+
+def test_a_new_method_plugs_into_the_distillation_loop_with_caption_dropout(overrides, tmp_path):
+    import torch
+
+    from cascade.lit.distill import DistillModule
+    from cascade.lit.train import fit
+    from cascade.recipe.build import build_augmentation, build_schedule, build_unet
+
+    recipe = load_recipe(TINY, overrides)
+    stage = recipe.stage("tsr1")
+    teacher, student = build_unet(stage, recipe), build_unet(stage, recipe)
+    with torch.no_grad():  # a teacher whose (zero-initialised) output layer is not zero: something to learn
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    method = Regression(build_schedule(stage), 4)
+    module = DistillModule(student, teacher, method, augmentation=build_augmentation(stage), text_drop_prob=0.5,
+                           lr=1e-3, max_steps=3, journal=tmp_path / "journal.jsonl")
+    before = [p.clone() for p in student.parameters()]
+    trainer = fit(recipe, stage, tmp_path / "round", module, max_steps=3, samples=False)
+    journal = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert trainer.global_step == 3 and len(journal) == 3 and all(r["loss"] > 0 for r in journal)
+    kept = torch.cat(method.masks)
+    assert len(method.masks) == 3 and kept.any() and not kept.all()  # some captions dropped, some kept
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_distillation_drops_captions_at_the_stage_rate(overrides, monkeypatch):
+    """Every round gets the stage's guidance.text_drop_prob, so even a student of progressive rounds alone learns
+    the unconditional model that classifier-free guidance needs."""
+    import cascade.lit.distill as lit_distill
+    from cascade.lit.rounds import distill
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["text_drop_prob"])
+        raise Stop
+
+    monkeypatch.setattr(lit_distill, "DistillModule", spy)
+    recipe = load_recipe(TINY, [*overrides, "stages.tsr1.guidance.text_drop_prob=0.25"])
+    teacher = recipe.run_folder() / "tsr1.safetensors"
+    from safetensors.torch import save_file
+
+    from cascade.recipe.build import build_unet
+
+    teacher.parent.mkdir(parents=True, exist_ok=True)
+    save_file(build_unet(recipe.stage("tsr1"), recipe).state_dict(), str(teacher))
+    with pytest.raises(Stop):
+        distill(recipe, "tsr1", teacher=teacher)
+    assert seen == [0.25]

@@ -274,3 +274,29 @@ def test_console_script_schema(tmp_path):
     result = subprocess.run([str(script), "schema"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == Recipe.model_json_schema()
+
+
+def test_a_crop_must_cover_whole_input_pixels():
+    """An SR crop starts on an input pixel and spans whole ones, so its input covers the same region: 8 -> 12 (a
+    ratio of 1.5) cannot be cropped at all; 8 -> 16 crops any even size."""
+    from cascade.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"stages\.ssr1\.train\.crop\.width: crop width 8 does not cover whole"):
+        load_recipe(TINY, ["stages.ssr1.width=12", "stages.ssr1.height=12", "stages.ssr1.train.crop={width: 8, height: 8}"])
+    assert load_recipe(TINY, ["stages.ssr1.train.crop={width: 8, height: 8}"]).stage("ssr1").train.crop.width == 8
+
+
+def test_resolution_shift_of_a_frame_is_that_of_the_square_with_its_pixel_count():
+    """simple diffusion's shift 2 log(base / d) is defined for d x d images; a W x H frame counts as
+    sqrt(W H) (not max(W, H)), so 80x48 and its 61.97 x 61.97 square get the same schedule."""
+    import math
+
+    import torch
+
+    from cascade.recipe.build import build_schedule
+
+    recipe = load_recipe(TINY, ["stages.ssr1.width=32", "stages.ssr1.height=8",
+                                "stages.ssr1.diffusion.schedule.shift_base_resolution=64"])
+    schedule = build_schedule(recipe.stage("ssr1"))
+    assert schedule.shift == pytest.approx(2 * math.log(64 / 16))  # sqrt(32 * 8) = 16
+    assert float(schedule(torch.tensor(0.5))) == pytest.approx(2 * math.log(64 / 16), abs=1e-6)

@@ -38,7 +38,7 @@ def test_stages_chain_with_their_shapes_and_conditioning():
         spec("ssr", "ssr", 4, 16, 4, spies[2], augmentation=aug, sampler="ancestral"),
     ])
     emb, mask = text()
-    result = sampler.sample(emb, mask, generator=torch.Generator().manual_seed(0), progress=False)
+    result = sampler.sample(emb, mask, seed=0, progress=False)
     assert [tuple(v.shape) for v in result.videos.values()] == [(2, 3, 2, 8, 8), (2, 3, 4, 8, 8), (2, 3, 4, 16, 16)]
     assert all(v.abs().max() <= 1 for v in result.videos.values())
     # Base: guided, so one batched call of 2B per step; the second half has every token masked.
@@ -85,7 +85,7 @@ def test_up_to_stops_and_unknown_stage_is_an_error():
 def test_seeded_sampling_is_reproducible():
     def run():
         sampler = CascadeSampler([spec("base", "base", 2, 8, 1, Spy(), sampler="ancestral")])
-        return sampler.sample(*text(), generator=torch.Generator().manual_seed(3), progress=False).final
+        return sampler.sample(*text(), seed=3, progress=False).final
 
     torch.manual_seed(0)
     a = run()

@@ -42,7 +42,7 @@ def slurm(*argv: str) -> subprocess.CompletedProcess:
 
 
 def job_state(job_id: str) -> str | None:
-    from cascade.slurm import job_state as state
+    from cascade.launch.slurm import job_state as state
 
     return state(job_id)
 

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from cascade.cli import main
-from cascade.pipeline import job_graph
+from cascade.launch.graph import job_graph
+from cascade.launch.slurm import render, sbatch
 from cascade.recipe import load_recipe
-from cascade.slurm import render, sbatch
 
 from .conftest import TINY, exit_code, folders, short_schedule, slurm, tail_logs, wait_for
 

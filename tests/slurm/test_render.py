@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cascade import slurm
 from cascade.cli import main
-from cascade.pipeline import job_graph
+from cascade.launch import requeue, slurm
+from cascade.launch.graph import job_graph
 from cascade.recipe import load_recipe
 
 from .conftest import IMAGEN, TINY
@@ -68,7 +68,7 @@ def test_dry_run_of_imagen_video(tmp_path, capsys):
     assert _srun(embed)[-4:] == ["--part", "$SLURM_ARRAY_TASK_ID", "--parts", "4"]
     assert '"$SLURM_ARRAY_TASK_ID"' in embed  # expanded by the shell, not quoted away
     assert "gpus-per-node" not in _sbatch(scripts["data"][1])
-    # The graph: dependencies as the pipeline defines them.
+    # The graph: dependencies as cascade.launch.graph defines them.
     graph = dict(re.findall(r"^  (\S+)\s+after: (.*)$", out, re.M))
     assert graph["embed"] == "data" and graph["train/tsr2"] == "embed" and graph["distill/tsr2"] == "train/tsr2"
     assert graph["eval/distilled"] == ", ".join(f"distill/{s}" for s in STAGES)
@@ -146,24 +146,24 @@ def test_submit_dependencies_skips_and_records(tmp_path, monkeypatch, capsys):
 def test_requeue_loop_is_detected(tmp_path, monkeypatch):
     recipe = load_recipe(TINY, [f"run_dir={tmp_path / 'run'}"])
     node = next(n for n in job_graph(recipe) if n.name == "train/base")
-    slurm.record_attempt(recipe, node)  # not under SLURM: nothing recorded
+    requeue.record_attempt(recipe, node)  # not under SLURM: nothing recorded
     assert not (tmp_path / "run" / "slurm").exists()
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     for restart in range(3):  # the first start and two restarts at the same checkpoint: allowed
         monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
-        slurm.record_attempt(recipe, node, limit=3)
+        requeue.record_attempt(recipe, node, limit=3)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
-    with pytest.raises(slurm.RequeueLoop, match=r"train/base: job 7 was requeued 3 times in a row without progress"):
-        slurm.record_attempt(recipe, node, limit=3)
+    with pytest.raises(requeue.RequeueLoop, match=r"train/base: job 7 was requeued 3 times in a row without progress"):
+        requeue.record_attempt(recipe, node, limit=3)
     monkeypatch.setenv("SLURM_JOB_ID", "8")  # a new job (resubmitted) starts counting afresh
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
-    slurm.record_attempt(recipe, node, limit=3)
+    requeue.record_attempt(recipe, node, limit=3)
     lines = (tmp_path / "run" / "slurm" / "attempts" / "train-base.jsonl").read_text().splitlines()
     assert len(lines) == 5 and json.loads(lines[-1])["job"] == "8"
 
 
 def test_a_part_of_an_array_checks_its_own_output(tmp_path, monkeypatch, capsys):
-    from cascade import pipeline
+    from cascade.launch import graph
 
     args = [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", f"text_encoder.path={tmp_path / 't5'}"]
     recipe = load_recipe(TINY, args)
@@ -171,7 +171,7 @@ def test_a_part_of_an_array_checks_its_own_output(tmp_path, monkeypatch, capsys)
     embed.outputs[1].parent.mkdir(parents=True)
     embed.outputs[1].write_text("x")
     ran = []
-    monkeypatch.setattr(pipeline, "run_node", lambda recipe, node, part=None: ran.append((node.name, part)))
+    monkeypatch.setattr(graph, "run_node", lambda recipe, node, part=None: ran.append((node.name, part)))
     assert main(["step", str(TINY), "embed", "--part", "1", "--parts", "3", *args]) == 0
     assert "embed part 1: complete, skipped" in capsys.readouterr().out
     assert main(["step", str(TINY), "embed", "--part", "2", "--parts", "3", *args]) == 0

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from cascade import pipeline
 from cascade.cli import main
-from cascade.pipeline import job_graph, run_graph
+from cascade.launch import graph
+from cascade.launch.graph import job_graph, run_graph
 from cascade.recipe import load_recipe
 
-TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
 STAGES = ["base", "tsr1", "ssr1", "ssr2", "tsr2", "tsr3", "ssr3"]
 
 
@@ -47,7 +47,7 @@ def test_run_graph_skips_complete_nodes_and_records_time(tmp_path, monkeypatch):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("x")
 
-    monkeypatch.setattr(pipeline, "run_node", fake_run_node)
+    monkeypatch.setattr(graph, "run_node", fake_run_node)
     run_graph(recipe, nodes)
     assert ran == [n.name for n in nodes]
     record = json.loads((tmp_path / "run" / "graph.json").read_text())
@@ -62,7 +62,7 @@ def test_run_graph_skips_complete_nodes_and_records_time(tmp_path, monkeypatch):
 
 def test_a_node_that_writes_nothing_is_an_error(tmp_path, monkeypatch):
     recipe = _recipe(tmp_path)
-    monkeypatch.setattr(pipeline, "run_node", lambda recipe, node, part=None: None)
+    monkeypatch.setattr(graph, "run_node", lambda recipe, node, part=None: None)
     with pytest.raises(RuntimeError, match="data finished without writing"):
         run_graph(recipe, job_graph(recipe))
 
@@ -130,7 +130,7 @@ def test_step_skips_a_complete_node_unless_forced(tmp_path, monkeypatch, capsys)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")
     ran = []
-    monkeypatch.setattr(pipeline, "run_node", lambda recipe, node, part=None: ran.append(node.name))
+    monkeypatch.setattr(graph, "run_node", lambda recipe, node, part=None: ran.append(node.name))
     assert main(["step", str(TINY), "data", *args]) == 0
     assert ran == [] and "complete, skipped" in capsys.readouterr().out
     assert main(["step", str(TINY), "data", "--force", *args]) == 0  # what `cascade run --force data --jobs 2` sends

@@ -1,10 +1,11 @@
 """A recipe's job graph: data -> embedding cache -> training of every stage -> distillation -> evaluation -> report.
 
 One definition serves `cascade run` (every node in order on this machine) and `cascade slurm` (a job per node,
-dependencies between them). A node is complete when its outputs exist; outputs are written last and atomically,
-so a node interrupted halfway is rerun (and itself resumes from its checkpoints) while a complete one is skipped.
+dependencies between them: `cascade.launch.slurm`). A node is complete when its outputs exist; outputs are written
+last and atomically, so a node interrupted halfway is rerun (and itself resumes from its checkpoints) while a
+complete one is skipped.
 
-Nodes (RUN = the run folder, runs/NAME unless the recipe sets run_dir):
+Nodes (RUN = `recipe.run_folder()`, runs/NAME unless the recipe sets run_dir):
 
 - ``data``: the synthetic dataset (when the recipe says so) and the tiny text encoder (``text_encoder.build_tiny``);
 - ``embed``: the T5 embedding cache of the dataset's captions, in ``parts`` slices (an array job on a cluster);
@@ -23,17 +24,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cascade.launch.requeue import RequeueLoop, file_name, record_attempt
 from cascade.recipe import Recipe, load_recipe
+from cascade.recipe.builtin import resolve_recipe_path
 
-__all__ = ["Node", "job_graph", "run_node", "run_graph", "run_command", "run_root"]
-
-
-def run_root(recipe: Recipe) -> Path:
-    return Path(recipe.run_dir or f"runs/{recipe.name}")
+__all__ = ["Node", "job_graph", "run_node", "run_graph", "run_command", "step_command"]
 
 
 @dataclass
 class Node:
+    """One node of the graph: what it waits for, the files that make it complete, how it is sliced."""
+
     name: str
     after: list[str]
     outputs: list[Path]
@@ -58,7 +59,7 @@ def job_graph(recipe: Recipe, stages: list[str] | None = None, embed_parts: int 
     from cascade.data.shards import MANIFEST
     from cascade.recipe.build import dataset_folder
 
-    run = run_root(recipe)
+    run = recipe.run_folder()
     names = [s.name for s in recipe.stages]
     chosen = names if stages is None else stages
     unknown = [s for s in chosen if s not in names]
@@ -133,15 +134,15 @@ def _train(recipe: Recipe, name: str, out: Path) -> None:
 
 
 def _distill(recipe: Recipe, name: str) -> None:
-    from cascade.lit.distill import distill
+    from cascade.lit.rounds import distill
 
-    distill(recipe, name, teacher=run_root(recipe) / "teachers" / f"{name}.safetensors")
+    distill(recipe, name, teacher=recipe.run_folder() / "teachers" / f"{name}.safetensors")
 
 
 def _eval(recipe: Recipe, which: str) -> None:
     from cascade.eval.runner import EvalPlan, evaluate
 
-    run = run_root(recipe)
+    run = recipe.run_folder()
     out = run / "eval" / which
     evaluate(recipe, run / which, out, EvalPlan.from_recipe(recipe))
 
@@ -163,7 +164,7 @@ def run_node(recipe: Recipe, node: Node, part: int | None = None) -> None:
     elif kind == "report":
         from cascade.report import write_report
 
-        write_report(recipe, run_root(recipe))
+        write_report(recipe, recipe.run_folder())
     else:
         raise ValueError(f"no node named {node.name!r}")
 
@@ -187,7 +188,7 @@ def run_graph(recipe: Recipe, nodes: list[Node], force: list[str] = (), jobs: in
     jobs > 1 runs independent nodes (e.g. different stages' training) at the same time, each as its own process
     `step_argv + [NODE]` (a `cascade step` command line) with the CPU threads shared out, its output in
     RUN/logs/NODE.log. jobs = 1 runs every node in this process, with its progress bars."""
-    run = run_root(recipe)
+    run = recipe.run_folder()
     run.mkdir(parents=True, exist_ok=True)
     record_path = run / "graph.json"
     total = time.perf_counter()
@@ -235,7 +236,7 @@ def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_a
             node = ready.pop(0)
             pending.remove(node)
             count += 1
-            log = logs / f"{node.name.replace('/', '-')}.log"
+            log = logs / f"{file_name(node.name)}.log"
             with open(log, "ab") as out:
                 argv = [*step_argv, node.name, *(["--force"] if node.name in forced else [])]
                 process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -268,6 +269,7 @@ def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_a
 
 
 def run_command(args) -> int:
+    """`cascade run RECIPE`: every incomplete node here, in order (--jobs N: independent ones at once)."""
     recipe = load_recipe(args.recipe, args.overrides)
     try:
         nodes = job_graph(recipe, args.stages.split(",") if args.stages else None)
@@ -276,12 +278,13 @@ def run_command(args) -> int:
                 state = "complete" if node.complete() else "to do"
                 print(f"{node.name:24s} {state:9s} after: {', '.join(node.after) or '-'}")
             return 0
-        step_argv = [sys.executable, "-m", "cascade.cli", "step", str(args.recipe), *args.overrides]
+        step_argv = [sys.executable, "-m", "cascade.cli", "step", str(resolve_recipe_path(args.recipe)),
+                     *args.overrides]
         run_graph(recipe, nodes, force=args.force or [], jobs=args.jobs, step_argv=step_argv)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    report = run_root(recipe) / "report.md"
+    report = recipe.run_folder() / "report.md"
     if report.is_file():
         print(f"report: {report}")
     return 0
@@ -306,8 +309,6 @@ def step_command(args) -> int:
         print(f"{node.name}{'' if args.part is None else f' part {args.part}'}: complete, skipped")
         return 0
     if os.environ.get("SLURM_PROCID", "0") == "0":  # one record per start, by the first rank
-        from cascade.slurm import RequeueLoop, record_attempt
-
         try:
             record_attempt(recipe, node, args.part)
         except RequeueLoop as error:

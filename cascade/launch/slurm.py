@@ -1,14 +1,13 @@
-"""`cascade slurm submit|status`: a recipe's job graph (`cascade.pipeline.job_graph`) as SLURM jobs.
+"""`cascade slurm submit|status`: a recipe's job graph (`cascade.launch.graph.job_graph`) as SLURM jobs.
 
-Every node becomes one job rendered from `slurm/job.sbatch` (allocation, environment, one `srun cascade step ...`
-line) into RUN/slurm/scripts/. Dependencies are `afterok`: data -> embedding cache (an array job over its parts)
--> training of every stage in parallel -> each stage's distillation -> evaluation -> report. Job ids go to
-RUN/slurm/jobs.json; resubmitting skips complete nodes and nodes whose recorded job is still queued or running.
+Every node becomes one job rendered from the packaged `job.sbatch` (`cascade/launch/job.sbatch`, a link to
+`slurm/job.sbatch`: allocation, environment, one `srun cascade step ...` line) into RUN/slurm/scripts/.
+Dependencies are `afterok`: data -> embedding cache (an array job over its parts) -> training of every stage in
+parallel -> each stage's distillation -> evaluation -> report. Job ids go to RUN/slurm/jobs.json; resubmitting skips
+complete nodes and nodes whose recorded job is still queued or running.
 
-Preemption: USR1 before the time limit reaches the batch script, which stops the ranks with SIGTERM (they save
-last.ckpt at a step boundary) and requeues the job; the requeued job resumes from that checkpoint. Every start of a
-step under SLURM is recorded in RUN/slurm/attempts/ with the node's progress (checkpoint step); a job requeued
-`CASCADE_REQUEUE_LIMIT` (default 3) times in a row without progress stops with an error instead of looping.
+Preemption and requeueing are the batch script's (see slurm/README.md, "Preemption, time limits, requeue loops");
+`cascade.launch.requeue` counts the starts.
 """
 
 from __future__ import annotations
@@ -24,12 +23,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cascade.pipeline import Node, job_graph, run_root
+import cascade
+from cascade.launch.graph import Node, job_graph
+from cascade.launch.requeue import attempts_path, file_name, read_attempts
 from cascade.recipe import Recipe, load_recipe
+from cascade.recipe.builtin import resolve_recipe_path
 
-__all__ = ["Resources", "resources", "render", "submit", "status", "record_attempt", "RequeueLoop"]
+__all__ = ["Resources", "resources", "render", "sbatch", "job_state", "submit", "status", "submit_command",
+           "status_command"]
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
+TEMPLATE = Path(cascade.__file__).parent / "launch" / "job.sbatch"  # package data (the repository's slurm/job.sbatch)
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
           "RESIZING", "SIGNALING", "STAGE_OUT"}
 # Variables that would change what Lightning detects in the job (a leaked torchrun or DDP launch).
@@ -38,6 +41,8 @@ LEAKY = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE
 
 @dataclass(frozen=True)
 class Resources:
+    """What one node's job asks SLURM for."""
+
     nodes: int
     tasks_per_node: int
     cpus_per_task: int
@@ -58,10 +63,6 @@ def resources(recipe: Recipe, node: Node) -> Resources:
     return Resources(1, 1, base.cpus_per_task, 1 if gpu else 0, base.time)
 
 
-def _file_name(node: str) -> str:
-    return node.replace("/", "-")
-
-
 def _cascade_command() -> list[str]:
     """The `cascade` of this environment (the jobs run the same installation)."""
     script = Path(sys.executable).with_name("cascade")
@@ -69,6 +70,7 @@ def _cascade_command() -> list[str]:
 
 
 def step_line(recipe_path: Path, node: Node, overrides: list[str]) -> str:
+    """The node's `cascade step` command line, shell-quoted."""
     argv = [*_cascade_command(), "step", str(recipe_path), node.name, *overrides]
     if node.parts > 1:
         argv += ["--part", "$SLURM_ARRAY_TASK_ID", "--parts", str(node.parts)]
@@ -92,10 +94,10 @@ def render(recipe: Recipe, node: Node, recipe_path: Path, overrides: list[str], 
     if node.parts > 1:
         optional.append(f"#SBATCH --array=0-{node.parts - 1}")
     values = dict(
-        job_name=f"{recipe.name}-{_file_name(node.name)}", nodes=res.nodes, tasks_per_node=res.tasks_per_node,
+        job_name=f"{recipe.name}-{file_name(node.name)}", nodes=res.nodes, tasks_per_node=res.tasks_per_node,
         cpus_per_task=res.cpus_per_task, time=res.time, signal_seconds=cluster.signal_seconds,
         workdir=Path.cwd(), log_dir=run / "slurm" / "logs",
-        log_name=_file_name(node.name) + ("-%A_%a" if node.parts > 1 else "-%j"),
+        log_name=file_name(node.name) + ("-%A_%a" if node.parts > 1 else "-%j"),
         optional="\n".join(optional), omp_threads=1, node=node.name, command=step_line(recipe_path, node, overrides),
     )
     text = template.read_text()
@@ -124,6 +126,7 @@ def _slurm(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def sbatch(script: Path, after: list[str]) -> str:
+    """Submit `script` after the jobs `after` (afterok); returns the job id."""
     argv = ["sbatch", "--parsable"]
     if after:
         argv += [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"]
@@ -182,8 +185,8 @@ def submit(recipe_path: Path, overrides: list[str], stages: list[str] | None = N
     out = out or sys.stdout
     recipe = load_recipe(recipe_path, overrides)
     nodes = job_graph(recipe, stages, embed_parts=embed_parts)
-    run = run_root(recipe).resolve()
-    recipe_path = Path(recipe_path).resolve()
+    run = recipe.run_folder().resolve()
+    recipe_path = resolve_recipe_path(recipe_path).resolve()  # a built-in name: the packaged file
     jobs = {} if dry_run else _read_jobs(run)
     scripts = run / "slurm" / "scripts"
     if not dry_run:
@@ -211,7 +214,7 @@ def submit(recipe_path: Path, overrides: list[str], stages: list[str] | None = N
             ids[node.name] = recorded["job_id"]
             print(f"{node.name}: job {recorded['job_id']} is {state.lower()}, kept", file=out)
             continue
-        script = scripts / f"{_file_name(node.name)}.sbatch"
+        script = scripts / f"{file_name(node.name)}.sbatch"
         script.write_text(text)
         job_id = sbatch(script, after)
         ids[node.name] = job_id
@@ -242,89 +245,17 @@ def status(run: Path) -> list[dict]:
     rows = []
     for name, job in jobs.items():
         complete = all(Path(p).exists() for p in job.get("outputs", []))
-        attempts = _read_attempts(_attempts_path(Path(run), name))
+        attempts = read_attempts(attempts_path(Path(run), name))
         rows.append(dict(node=name, job_id=job.get("job_id"), state=job_state(job["job_id"]) or "gone",
                          complete=complete, starts=len(attempts), after=job.get("after", [])))
     return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Requeue loops
-# --------------------------------------------------------------------------------------------------------------
-class RequeueLoop(RuntimeError):
-    pass
-
-
-def _attempts_path(run: Path, node: str, part: int | None = None) -> Path:
-    return run / "slurm" / "attempts" / (_file_name(node) + ("" if part is None else f"-part{part}") + ".jsonl")
-
-
-def _read_attempts(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _checkpoint_step(folder: Path) -> int | None:
-    from cascade.lit.train import resume_checkpoint
-
-    ckpt = resume_checkpoint(folder)
-    if ckpt is None:
-        return None
-    import torch
-
-    try:  # memory-mapped: only the step is read, not the weights
-        return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # noqa: BLE001 - an unreadable checkpoint is "no progress" here, the trainer reports it
-        return None
-
-
-def progress(recipe: Recipe, node: Node) -> object:
-    """What a start of the node resumes from: its checkpoint step (training), the finished rounds and the current
-    round's step (distillation), or which outputs exist (other nodes)."""
-    kind, _, name = node.name.partition("/")
-    run = run_root(recipe)
-    if kind == "train":
-        return _checkpoint_step(run / name)
-    if kind == "distill":
-        rounds = sorted(p for p in (run / name / "distill").glob("*") if p.is_dir())
-        return [[p.name, "done" if (p / "student.safetensors").is_file() else _checkpoint_step(p)] for p in rounds]
-    return [p.exists() for p in node.outputs]
-
-
-def record_attempt(recipe: Recipe, node: Node, part: int | None = None, limit: int | None = None) -> None:
-    """Record this start of `node` under SLURM; raise RequeueLoop when this job has now started `limit` + 1 times in
-    a row at the same progress (it keeps dying before it saves anything new)."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if job is None:
-        return
-    if limit is None:
-        limit = int(os.environ.get("CASCADE_REQUEUE_LIMIT", "3"))
-    path = _attempts_path(run_root(recipe), node.name, part)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entry = dict(job=job, task=os.environ.get("SLURM_ARRAY_TASK_ID"), restart=int(os.environ.get("SLURM_RESTART_COUNT",
-                 "0")), progress=progress(recipe, node), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    with open(path, "a") as file:
-        file.write(json.dumps(entry) + "\n")
-    same = 0
-    for previous in reversed(_read_attempts(path)):
-        if previous["job"] != job or previous.get("task") != entry["task"] or previous["progress"] != entry["progress"]:
-            break
-        same += 1
-    if entry["restart"] > 0 and same > limit:
-        raise RequeueLoop(
-            f"{node.name}{'' if part is None else f' part {part}'}: job {job} was requeued {same - 1} times in a row "
-            f"without progress (resumes from {entry['progress']!r} every time; starts in {path}). The job dies before "
-            f"it saves a checkpoint: read its log in {run_root(recipe) / 'slurm' / 'logs'}, fix the cause (e.g. a "
-            f"time limit shorter than loading plus one checkpoint interval, or cluster.signal_seconds too small), "
-            f"then resubmit with `cascade slurm submit` (complete nodes are skipped); raise CASCADE_REQUEUE_LIMIT to "
-            f"allow more restarts")
-
-
-# --------------------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------------------
 def submit_command(args) -> int:
+    """`cascade slurm submit RECIPE [OVERRIDES]`."""
     try:
         submit(args.recipe, args.overrides, args.stages.split(",") if args.stages else None,
                embed_parts=args.embed_parts, dry_run=args.dry_run)
@@ -335,6 +266,7 @@ def submit_command(args) -> int:
 
 
 def status_command(args) -> int:
+    """`cascade slurm status RUN`."""
     try:
         rows = status(args.run)
     except (FileNotFoundError, ValueError, RuntimeError) as error:

@@ -1,0 +1,69 @@
+"""What a stage's weights file says about itself: safetensors metadata written by `cascade export` (EMA weights of a
+trained stage) and by distillation (a student), read by every loader (`cascade.inference`, `cascade eval`).
+
+A student records the method it was distilled with, the step count and the sampler it must be sampled with, whether
+it takes the guidance weight as an input, and the range of w it learned: loaders sample it that way and refuse
+settings it cannot honour.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    kind: str = "random"
+    """random (no file), ema (a trained stage) or distilled (a student)."""
+    method: str | None = None
+    """A student's last distillation method (`cascade.distill`: guidance, progressive)."""
+    steps: int | None = None
+    """The step count a student was distilled for: it is valid at that count only."""
+    sampler: str | None = None
+    """The sampler a student must run with."""
+    guidance_input: bool = False
+    """The student takes the guidance weight w as an input (one network pass per step)."""
+    w_range: tuple[float, float] | None = None
+    """The guidance weights [w_min, w_max] a guidance-distilled student learned."""
+
+    @property
+    def distilled(self) -> bool:
+        return self.kind == "distilled"
+
+    def summary(self) -> dict:
+        """The short form reports carry: distilled, guidance_distilled, steps."""
+        return dict(distilled=self.distilled, guidance_distilled=self.guidance_input, steps=self.steps)
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors metadata entries (strings) of this description."""
+        meta = {"cascade.weights": self.kind}
+        if self.distilled:
+            meta.update({"cascade.method": str(self.method), "cascade.steps": str(self.steps),
+                         "cascade.sampler": str(self.sampler),
+                         "cascade.guidance_distilled": "true" if self.guidance_input else "false",
+                         "cascade.w_range": json.dumps(None if self.w_range is None else list(self.w_range))})
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> WeightsInfo:
+        kind = meta.get("cascade.weights", "ema")
+        if kind != "distilled":
+            return cls(kind="ema")
+        w_range = json.loads(meta.get("cascade.w_range", "null"))
+        lineage = json.loads(meta.get("cascade.lineage", "[]"))
+        method = meta.get("cascade.method") or (lineage[-1]["kind"] if lineage else "progressive")
+        return cls(kind="distilled", method=method, steps=int(meta["cascade.steps"]),
+                   sampler=meta.get("cascade.sampler", "ddim"),
+                   guidance_input=meta.get("cascade.guidance_distilled") == "true",
+                   w_range=None if w_range is None else (float(w_range[0]), float(w_range[1])))
+
+
+def read_info(path: str | Path) -> tuple[WeightsInfo, dict[str, str]]:
+    """(description, raw metadata) of a safetensors weights file; only the header is read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as file:
+        meta = file.metadata() or {}
+    return WeightsInfo.from_metadata(meta), meta
