@@ -7,6 +7,7 @@ They are package data: `cascade/recipes` links to the repository's `recipes/`, a
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import cascade
@@ -49,6 +50,8 @@ def resolve_recipe_path(path: str | Path) -> Path:
     name = path.name.removesuffix(".yaml")
     recipes = builtin_recipes()
     if name in recipes:
+        if str(path) != name:  # written as a file path: say which file is read instead
+            print(f"note: {path} does not exist; using the built-in recipe {name} ({recipes[name]})", file=sys.stderr)
         return recipes[name]
     raise FileNotFoundError(f"no such file, and {name!r} is not a built-in recipe (built-in: {', '.join(recipes)}; "
                             f"`cascade recipes` lists them)")
