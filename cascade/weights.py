@@ -67,3 +67,16 @@ def read_info(path: str | Path) -> tuple[WeightsInfo, dict[str, str]]:
     with safe_open(str(path), "pt") as file:
         meta = file.metadata() or {}
     return WeightsInfo.from_metadata(meta), meta
+
+
+def save_weights(path: str | Path, tensors: dict, info: WeightsInfo, described: dict[str, str]) -> Path:
+    """`tensors` as safetensors with `info` and `described` (cascade.stage, cascade.recipe, ... as strings) in the
+    metadata; written to a temporary file and renamed, so a kill never leaves half a file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={**info.metadata(), **described})
+    tmp.replace(path)
+    return path

@@ -126,11 +126,8 @@ def _train(recipe: Recipe, name: str, out: Path) -> None:
     steps, wanted = captured["module"].global_step, recipe.stage(name).train.max_steps
     if steps < wanted:  # stopped by a signal: the checkpoint is saved, the node is not complete
         raise SystemExit(f"train/{name} stopped at step {steps} of {wanted}; rerun to resume")
-    if not captured["module"].trainer.is_global_zero:  # rank 0 exports; the other ranks are done
-        return
-    tmp = out.with_name(out.name + ".tmp")
-    export(resume_checkpoint(folder), tmp)
-    os.replace(tmp, out)
+    if captured["module"].trainer.is_global_zero:  # rank 0 exports (atomically); the other ranks are done
+        export(resume_checkpoint(folder), out)
 
 
 def _distill(recipe: Recipe, name: str) -> None:

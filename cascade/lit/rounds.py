@@ -13,40 +13,28 @@ from torch import nn
 from cascade.files import file_sha256, process_rank, wait_for
 from cascade.recipe import Recipe
 from cascade.recipe.schema import Stage
-from cascade.weights import WeightsInfo
+from cascade.weights import WeightsInfo, save_weights
 
 
 def teacher_weights(recipe: Recipe, stage: Stage, teacher: str | Path | None) -> tuple[dict, Path]:
     """The trained stage's EMA weights: a safetensors file, or the EMA part of the stage's last checkpoint."""
     from safetensors.torch import load_file
 
-    if teacher is not None:
-        path = Path(teacher)
-        if path.suffix == ".safetensors" and path.is_file():
-            return load_file(str(path)), path
-    else:
-        path = recipe.run_folder(stage.name) / "checkpoints" / "last.ckpt"
+    from cascade.lit.train import ema_weights
+
+    path = Path(teacher) if teacher is not None else recipe.run_folder(stage.name) / "checkpoints" / "last.ckpt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no trained weights for stage {stage.name}; train it first "
                                 f"(`cascade train RECIPE --stage {stage.name}`) or pass --teacher FILE")
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    prefix = "ema.module."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, path
+    return (load_file(str(path)) if path.suffix == ".safetensors" else ema_weights(path)[0]), path
 
 
 def save_student(net: nn.Module, path: Path, recipe: Recipe, stage: Stage, info: WeightsInfo, lineage: list) -> Path:
-    """The student's weights with its description, the resolved stage recipe and its lineage (atomic write)."""
-    from safetensors.torch import save_file
-
-    metadata = {**info.metadata(), "cascade.stage": json.dumps(stage.model_dump(mode="json")),
-                "cascade.recipe": recipe.name,
-                "cascade.text_encoder": json.dumps(recipe.text_encoder.model_dump(mode="json")),
-                "cascade.lineage": json.dumps(lineage)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    """The student's weights with its description, the resolved stage recipe and its lineage."""
+    return save_weights(path, net.state_dict(), info, {
+        "cascade.stage": json.dumps(stage.model_dump(mode="json")), "cascade.recipe": recipe.name,
+        "cascade.text_encoder": json.dumps(recipe.text_encoder.model_dump(mode="json")),
+        "cascade.lineage": json.dumps(lineage)})
 
 
 def distill(recipe: Recipe, stage_name: str, teacher: str | Path | None = None, extra_callbacks=()) -> Path:

@@ -213,20 +213,23 @@ def train(recipe: Recipe, stage_name: str, extra_callbacks=(), module_hook=None)
     return folder
 
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """EMA weights of a training checkpoint as safetensors, the resolved stage recipe in the metadata."""
-    from safetensors.torch import save_file
-
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # tensors only: nothing is unpickled
+def ema_weights(checkpoint: str | Path) -> tuple[dict, dict]:
+    """(EMA weights, the rest of the checkpoint) of a training checkpoint; tensors only: nothing is unpickled."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     prefix = "ema.module."
-    weights = {k[len(prefix):]: v.contiguous() for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"{checkpoint}: no EMA weights (keys 'ema.module.*') in this checkpoint")
+    return weights, state
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """EMA weights of a training checkpoint as safetensors, the resolved stage recipe in the metadata."""
+    from cascade.weights import WeightsInfo, save_weights
+
+    weights, state = ema_weights(checkpoint)
     info = json.loads(state.get("cascade", {}).get("recipe", "{}"))
-    metadata = {"cascade.stage": json.dumps(info.get("stage", {})), "cascade.recipe": str(info.get("recipe", "")),
-                "cascade.text_encoder": json.dumps(info.get("text_encoder", {})),
-                "cascade.global_step": str(state.get("global_step", "")), "cascade.weights": "ema"}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out), metadata=metadata)
-    return out
+    return save_weights(out, weights, WeightsInfo(kind="ema"), {
+        "cascade.stage": json.dumps(info.get("stage", {})), "cascade.recipe": str(info.get("recipe", "")),
+        "cascade.text_encoder": json.dumps(info.get("text_encoder", {})),
+        "cascade.global_step": str(state.get("global_step", ""))})
