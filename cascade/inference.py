@@ -217,10 +217,9 @@ class Cascade:
                  progress: bool = True) -> Generation:
         """Sample every loaded stage (up to and including `up_to`) for every prompt, `batch_size` at a time."""
         chain = [s.name for s in self.recipe.stages]
-        names = chain[: chain.index(up_to) + 1] if up_to in chain else chain
         if up_to is not None and up_to not in chain:
             raise ValueError(f"no stage named {up_to!r}; stages are {', '.join(chain)}")
-        names = [n for n in names if n in self.stages]
+        names = [n for n in (chain if up_to is None else chain[: chain.index(up_to) + 1]) if n in self.stages]
         if names != chain[: len(names)] or not names:
             raise ValueError(f"sampling needs the cascade's stages from the first on; loaded: {', '.join(self.stages)}")
         prompts = list(prompts)
