@@ -12,7 +12,7 @@ DEMO_PROMPTS = ["a red circle moving right on a black background", "a cyan squar
 
 
 def sample_command(args) -> int:
-    from cascade.inference import Cascade, write_samples
+    from cascade.inference import Cascade, check_video_path, write_samples
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.prompts is not None:
@@ -23,8 +23,7 @@ def sample_command(args) -> int:
     else:
         prompts = args.prompt
     try:
-        if args.out.suffix.lower() not in (".mp4", ".gif"):
-            raise ValueError(f"--out {args.out}: the final video is written as .mp4 or .gif")
+        check_video_path(args.out)  # before any work
         names = [s.name for s in recipe.stages]
         if args.up_to is not None and args.up_to not in names:
             raise ValueError(f"--up-to {args.up_to}: no such stage; stages are {', '.join(names)}")

@@ -30,9 +30,8 @@ from cascade.recipe.schema import Stage
 from cascade.sampling.cascade import CascadeSampler, StageSpec
 from cascade.weights import WeightsInfo, read_info
 
-__all__ = ["Cascade", "Generation", "LoadedStage", "default_device", "load_stage", "write_samples"]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["Cascade", "Generation", "LoadedStage", "check_video_path", "default_device", "load_stage",
+           "load_text_encoder", "write_samples"]
 
 
 def default_device() -> torch.device:
@@ -52,10 +51,10 @@ class _Autocast(nn.Module):
             if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
                 module.float()
         self.net, self.dtype = net, dtype
+        self.device_type = next(net.parameters()).device.type  # wrapped once on its device (load_stage)
 
     def forward(self, *args, **kwargs) -> Tensor:
-        device_type = next(self.net.parameters()).device.type
-        with torch.autocast(device_type, dtype=self.dtype):
+        with torch.autocast(self.device_type, dtype=self.dtype):
             return self.net(*args, **kwargs).float()
 
 
@@ -82,7 +81,7 @@ def load_stage(recipe: Recipe, name: str, weights: str | Path | None = None, dev
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no weights for stage {name} (expected STAGE.safetensors from "
                                     f"`cascade export` or `cascade distill`)")
-        info, _ = read_info(path)
+        info = read_info(path)
     with torch.random.fork_rng(devices=[]):  # a random initialisation draws from the stage's seed, not the caller's
         torch.manual_seed(stage.train.seed)
         net = build_unet(stage, recipe, guidance_conditioning=info.guidance_input)
@@ -123,7 +122,10 @@ class Cascade:
         same device in the recipe's dtype unless `text_encoder` is False."""
         recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         device = default_device() if device is None else torch.device(device)
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if isinstance(dtype, str):
+            from cascade.nn.text import DTYPES
+
+            dtype = DTYPES[dtype]
         names = [s.name for s in recipe.stages] if stages is None else list(stages)
         loaded = {name: load_stage(recipe, name, weights, device, dtype) for name in names}
         encoder = load_text_encoder(recipe, device) if text_encoder else None
@@ -250,6 +252,14 @@ def load_text_encoder(recipe: Recipe, device: torch.device | str = "cpu"):
     return encoder
 
 
+def check_video_path(out: str | Path) -> Path:
+    """`out` as a Path; a ValueError unless it names an .mp4 or .gif file."""
+    out = Path(out)
+    if out.suffix.lower() not in (".mp4", ".gif"):
+        raise ValueError(f"--out {out}: the final video is written as .mp4 or .gif")
+    return out
+
+
 def write_samples(cascade: Cascade, prompts: Sequence[str], out: str | Path, seed: int = 0, batch_size: int = 4,
                   up_to: str | None = None, progress: bool = True) -> dict:
     """Sample the prompts and write the final video (`out`, .mp4 or .gif; OUT_NNN.ext for several prompts), every
@@ -257,9 +267,7 @@ def write_samples(cascade: Cascade, prompts: Sequence[str], out: str | Path, see
     evaluations and seconds per stage). Returns the report."""
     from cascade.data.video import to_uint8, write_video
 
-    out = Path(out)
-    if out.suffix.lower() not in (".mp4", ".gif"):
-        raise ValueError(f"--out {out}: the final video is written as .mp4 or .gif")
+    out = check_video_path(out)
     generation = cascade.generate(prompts, seed=seed, batch_size=batch_size, up_to=up_to, progress=progress)
     recipe, used = cascade.recipe, list(generation.videos)
     stage_dir = out.with_name(out.stem + "_stages")

@@ -60,13 +60,12 @@ class WeightsInfo:
                    w_range=None if w_range is None else (float(w_range[0]), float(w_range[1])))
 
 
-def read_info(path: str | Path) -> tuple[WeightsInfo, dict[str, str]]:
-    """(description, raw metadata) of a safetensors weights file; only the header is read."""
+def read_info(path: str | Path) -> WeightsInfo:
+    """The description of a safetensors weights file; only the header is read."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as file:
-        meta = file.metadata() or {}
-    return WeightsInfo.from_metadata(meta), meta
+        return WeightsInfo.from_metadata(file.metadata() or {})
 
 
 def save_weights(path: str | Path, tensors: dict, info: WeightsInfo, described: dict[str, str]) -> Path:

@@ -28,9 +28,8 @@ class VideoGenerators:
 
     def __init__(self, seed: int, indices: Sequence[int], stream: int = 0,
                  device: torch.device | str = "cpu") -> None:
-        self.indices = [int(i) for i in indices]
         self.generators = [torch.Generator(device=device).manual_seed(stream_seed(seed, i, stream))
-                           for i in self.indices]
+                           for i in indices]
 
     def __len__(self) -> int:
         return len(self.generators)

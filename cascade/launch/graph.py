@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cascade.launch.requeue import RequeueLoop, file_name, record_attempt
@@ -41,7 +41,6 @@ class Node:
     stage: str | None = None  # resources come from this stage's launch section (training, distillation)
     parts: int = 1  # independent slices (an array job on a cluster)
     description: str = ""
-    extra: dict = field(default_factory=dict)
 
     def complete(self) -> bool:
         return all(p.exists() for p in self.outputs)

@@ -30,10 +30,6 @@ def test_imports_point_one_way(module, not_loaded):
     assert done.stdout.strip() == "[]"
 
 
-def test_old_modules_are_gone():
-    assert not (PACKAGE / "pipeline.py").exists() and not (PACKAGE / "slurm.py").exists()
-
-
 def test_packaged_template_and_recipes_are_the_repository_files():
     assert slurm.TEMPLATE == PACKAGE / "launch" / "job.sbatch"
     assert slurm.TEMPLATE.read_bytes() == (ROOT / "slurm" / "job.sbatch").read_bytes()
