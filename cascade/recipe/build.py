@@ -98,7 +98,8 @@ def build_distillation_rounds(stage: Stage):
     return distillation_rounds(build_schedule(stage), start_steps=p.start_steps, end_steps=p.end_steps,
                                steps_per_round=p.steps_per_round, lr=p.lr, weighting=p.loss_weighting,
                                guidance=None if g is None else (g.w_min, g.w_max),
-                               guidance_steps=g and g.max_steps, guidance_lr=g and g.lr)
+                               guidance_steps=None if g is None else g.max_steps,
+                               guidance_lr=None if g is None else g.lr)
 
 
 def dataset_folder(recipe: Recipe) -> str:
