@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv-bench at the repository root with the peer U-Nets used by benchmarks/train_step.py:
-# torch 2.13.0 (CPU wheel), torchvision 0.28.0, imagen-pytorch 2.1.0, then cascade itself (editable).
+# torch 2.13.0 (CPU wheel), torchvision 0.28.0, imagen-pytorch 2.1.0, diffusers 0.42.1, then cascade itself
+# (editable).
 # The peers never enter the project's own dependencies. Safe to re-run.
 #
 #   bash benchmarks/setup_peers.sh            # then: .venv-bench/bin/python benchmarks/train_step.py
@@ -23,12 +24,12 @@ py="$venv/bin/python"
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 echo "torch==2.13.0" >"$constraints"
-"$py" -m pip install --quiet -c "$constraints" torchvision==0.28.0 imagen-pytorch==2.1.0
+"$py" -m pip install --quiet -c "$constraints" torchvision==0.28.0 imagen-pytorch==2.1.0 diffusers==0.42.1
 
 # The PyPI torchvision wheel is a CUDA build whose compiled ops do not load against the CPU torch wheel, and its
 # fake-kernel registrations for torchvision::nms / qnms then fail at import ("operator torchvision::nms does not
-# exist", pytorch/vision#9085), which breaks `import imagen_pytorch`. Register those fakes only when the compiled
-# ops loaded. No peer U-Net uses torchvision ops.
+# exist", pytorch/vision#9085), which breaks `import imagen_pytorch` and `import diffusers`. Register those fakes
+# only when the compiled ops loaded. No peer U-Net uses torchvision ops.
 "$py" - <<'PY'
 import importlib.util
 import pathlib
@@ -66,6 +67,8 @@ PY
 # config); train_step.py imports it with a shim, so check only that torchvision imports and the package is there.
 "$py" -c "import importlib.util, torchvision; assert importlib.util.find_spec('imagen_pytorch')" \
     || { echo "setup_peers: torchvision or imagen_pytorch is not importable" >&2; exit 1; }
+HF_HUB_OFFLINE=1 "$py" -c "from diffusers import UNet3DConditionModel" \
+    || { echo "setup_peers: diffusers' UNet3DConditionModel is not importable" >&2; exit 1; }
 
 # The project itself, editable, without letting pip move torch.
 if [[ ! -f "$repo/pyproject.toml" ]]; then

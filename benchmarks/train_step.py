@@ -1,6 +1,7 @@
-"""One training step of cascade's base-stage `VideoUNet` against imagen-pytorch's `Unet3D`, side by side.
+"""One training step of cascade's base-stage `VideoUNet` against two peers, imagen-pytorch's `Unet3D` and
+diffusers' `UNet3DConditionModel`, side by side.
 
-    bash benchmarks/setup_peers.sh                          # once: .venv-bench with torch, imagen-pytorch, cascade
+    bash benchmarks/setup_peers.sh                          # once: .venv-bench with torch, the peers, cascade
     .venv-bench/bin/python benchmarks/train_step.py         # CPU, fp32, the reference input
     .venv-bench/bin/python benchmarks/train_step.py --device cuda --dtype bfloat16 --batch 8 --frames 16 --size 64
 
@@ -14,9 +15,9 @@ What is measured, per model, on identical input tensors (same seed, same values,
   scales with on a GPU).
 - peak memory of a train step (see below).
 
-Timing alternates the two models in one process: `--warmup` rounds, then `--repeats` rounds, each round one step of
-ours then one of the peer (A B A B ...), so both see the same machine load over time; the report gives medians and
-the ratio peer / ours of the medians (> 1: ours is faster). The machine this runs on is shared and noisy: compare
+Timing alternates the models in one process: `--warmup` rounds, then `--repeats` rounds, each round one step of
+ours, then one of imagen-pytorch, then one of diffusers (A B C A B C ...), so all see the same machine load over
+time; the report gives medians and the ratio peer / ours of the medians (> 1: ours is faster). The machine this runs on is shared and noisy: compare
 only within one run.
 
 Memory is measured in a fresh child process per model, not in the timing process: on CPU the only honest measure
@@ -28,15 +29,16 @@ allocates AdamW's state) and reads `VmHWM`. Reported: the peak RSS and its growt
 model and the inputs (activations, gradients, optimizer state and allocator slack). On CUDA the children report
 `torch.cuda.max_memory_allocated` over the same two steps instead. The children also count FLOPs and ops.
 
-Conditioning: both networks get the same noisy video, the same log-SNR per sample, the same T5-sized text
+Conditioning: every network gets the same noisy video, the same log-SNR per sample, the same T5-sized text
 embeddings and the same padding mask. What each network does with them differs; see CONDITIONING_DIFFERENCES,
-which is also written into the JSON. Models are matched by parameter count (within 10 %), not by layout: ours
-follows Imagen's Efficient U-Net (fewer blocks at high resolution, more at low resolution), with the peer's
-channel widths at every resolution.
+which is also written into the JSON (diffusers, for one, repeats the text once per frame and ignores the mask).
+Models are matched by parameter count (each peer within 10 % of ours), not by layout: ours follows Imagen's
+Efficient U-Net (fewer blocks at high resolution, more at low resolution), with imagen-pytorch's channel widths at
+every resolution.
 
-The peer's `import` reaches the Hugging Face hub (a default argument of `Unet3D` reads the T5 config of
-google/t5-v1_1-base at class-definition time); `import_peer` sets HF_HUB_OFFLINE and shims that one call, which
-only decides a default we override (`text_embed_dim=4096`). The peer's prints are captured, not shown.
+imagen-pytorch's `import` reaches the Hugging Face hub (a default argument of `Unet3D` reads the T5 config of
+google/t5-v1_1-base at class-definition time); `import_imagen` sets HF_HUB_OFFLINE and shims that one call, which
+only decides a default we override (`text_embed_dim=4096`). The peers' prints are captured, not shown.
 """
 
 from __future__ import annotations
@@ -62,22 +64,36 @@ from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Ours: the peer's widths per resolution (64, 128, 256, 384 at 32, 16, 8, 4 px), blocks growing towards low
-# resolution (Imagen App. B.1); 47.7M parameters against the peer's 49.2M.
+# Ours: imagen-pytorch's widths per resolution (64, 128, 256, 384 at 32, 16, 8, 4 px), blocks growing towards low
+# resolution (Imagen App. B.1); 47.7M parameters against imagen-pytorch's 49.2M and diffusers' 50.1M.
 OURS_CONFIG = dict(
     in_channels=3, out_channels=3, cond_channels=0,
     channels=64, channel_mults=(1, 2, 4, 6), num_res_blocks=(1, 2, 3, 3),
     spatial_attention=(False, False, True, True), cross_attention=(False, True, True, True),
     temporal=("attention",) * 4, head_dim=64, text_dim=4096,
 )
-# The peer: imagen-pytorch 2.1.0 Unet3D as in shared/reference/peer-benchmarks.md (49.2M parameters);
+# imagen-pytorch 2.1.0 Unet3D as in shared/reference/peer-benchmarks.md (49.2M parameters);
 # `max_text_len` is set to --text-len at build time so it sees every token ours sees.
-PEER_CONFIG = dict(
+IMAGEN_CONFIG = dict(
     dim=64, dim_mults=(1, 2, 4, 6), num_resnet_blocks=2,
     layer_attns=(False, False, True, True), layer_cross_attns=(False, True, True, True),
     attn_heads=8, attn_dim_head=64, text_embed_dim=4096, max_text_len=64,
 )
-CONDITIONING_DIFFERENCES = [
+# diffusers 0.42.1 UNet3DConditionModel as in shared/reference/peer-benchmarks.md (50.1M parameters): spatial
+# self- and cross-attention at the first three levels (32, 16, 8 px), none at 4 px but in the middle block.
+# `attention_head_dim=8` is, by a naming quirk of this class, the number of heads.
+DIFFUSERS_CONFIG = dict(
+    in_channels=3, out_channels=3, block_out_channels=(64, 128, 256, 256), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
+    up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3,
+    cross_attention_dim=4096, attention_head_dim=8,
+)
+PEERS = ("imagen", "diffusers")
+CLASSES = {"ours": "cascade.nn.unet.VideoUNet", "imagen": "imagen_pytorch.imagen_video.Unet3D",
+           "diffusers": "diffusers.UNet3DConditionModel"}
+LABELS = {"ours": "ours: cascade VideoUNet", "imagen": "imagen-pytorch Unet3D",
+          "diffusers": "diffusers UNet3DConditionModel"}
+CONDITIONING_DIFFERENCES = {"imagen": [
     "Both get the same log-SNR per sample (imagen-pytorch's continuous-time diffusion also conditions its Unet3D on "
     "log-SNR): ours through Fourier features + MLP, the peer through learned sinusoidal features + MLP.",
     "Text, ours: LayerNorm + Linear(4096 -> 384) of all L tokens; cross-attention at levels 2-4 attends to those L "
@@ -95,14 +111,32 @@ CONDITIONING_DIFFERENCES = [
     "Layout: ours, 1/2/3/3 units per level on the way down and the same on the way up, one additive skip per level "
     "(Efficient U-Net); the peer, 1 + 2 ResNet blocks per level each way plus a middle block pair with attention, "
     "concatenated skips per block, cross-embed stem and pixel-shuffle upsampling.",
-]
+], "diffusers": [
+    "Both get the same log-SNR per sample, used as diffusers' `timestep`: sinusoidal features (max period 10^4) + "
+    "MLP; diffusers' model is written for integer timesteps 0-999, the values here lie in [-20, 20]. Ours: Fourier "
+    "features + MLP.",
+    "Text, diffusers: no text projection and no pooled text; the 4096-wide tokens are repeated once per frame "
+    "(B*T copies) and every cross-attention projects them to keys and values (4096 -> 64/128/256) for each frame "
+    "separately. Cross-attention sits in every block of the first three levels and in the middle block; the time "
+    "embedding alone drives the ResNet blocks.",
+    "Padding, diffusers: the mask is passed as `attention_mask`, which 0.42.1 accepts but forwards to no attention "
+    "layer (checked: the output is identical with and without it), so padded tokens are attended to. Ours masks "
+    "them out.",
+    "Ours also conditions on frame rate; diffusers has no frame-rate input.",
+    "Temporal layers: diffusers, a temporal transformer (non-causal self-attention over frames, no position bias) "
+    "after every spatial transformer and at the stem, and a 4-layer temporal conv stack after every ResNet block; "
+    "ours, non-causal temporal attention with a learned relative-position bias in every block of every level.",
+    "Layout: diffusers, 1 ResNet block per level down, 2 up (concatenated skips), widths 64/128/256/256, a middle "
+    "block with cross-attention at 4 px, spatial self-attention at 32, 16 and 8 px (ours: at 8 and 4 px only), "
+    "frames folded into the batch for every spatial layer.",
+]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models
 
 
-def import_peer() -> type[nn.Module]:
+def import_imagen() -> type[nn.Module]:
     """imagen_pytorch.imagen_video.Unet3D, importable without network access and without printing."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
@@ -119,8 +153,18 @@ def import_peer() -> type[nn.Module]:
     return Unet3D
 
 
+def import_diffusers() -> type[nn.Module]:
+    """diffusers.UNet3DConditionModel, importable without network access and without warnings."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers import UNet3DConditionModel
+    return UNet3DConditionModel
+
+
 def build(name: str, args: argparse.Namespace) -> tuple[nn.Module, Callable[..., Tensor], dict]:
-    """(model, call(model, inputs) -> output, config) for 'ours' or 'peer', on args.device, in train mode."""
+    """(model, call(model, inputs) -> output, config) for 'ours', 'imagen' or 'diffusers', on args.device, in
+    train mode."""
     torch.manual_seed(0)
     if name == "ours":
         from cascade.nn.unet import VideoUNet
@@ -130,21 +174,29 @@ def build(name: str, args: argparse.Namespace) -> tuple[nn.Module, Callable[...,
 
         def call(m: nn.Module, inp: dict) -> Tensor:
             return m(inp["x"], inp["logsnr"], text=inp["text"], text_mask=inp["mask"], fps=inp["fps"])
-    elif name == "peer":
-        config = dict(PEER_CONFIG, max_text_len=args.text_len)
-        unet3d = import_peer()
+    elif name == "imagen":
+        config = dict(IMAGEN_CONFIG, max_text_len=args.text_len)
+        unet3d = import_imagen()
         with contextlib.redirect_stdout(io.StringIO()):  # "The base dimension of your u-net should ideally be ..."
             model = unet3d(**config)
 
         def call(m: nn.Module, inp: dict) -> Tensor:
             return m(inp["x"], inp["logsnr"], text_embeds=inp["text"], text_mask=inp["mask"])
+    elif name == "diffusers":
+        config = dict(DIFFUSERS_CONFIG)
+        model = import_diffusers()(**config)
+
+        def call(m: nn.Module, inp: dict) -> Tensor:
+            # log-SNR as the timestep; the text is repeated per frame inside; attention_mask is not used by 0.42.1
+            return m(inp["x"], inp["logsnr"], encoder_hidden_states=inp["text"], attention_mask=inp["mask"],
+                     return_dict=False)[0]
     else:
         raise ValueError(f"unknown model {name!r}")
     return model.to(args.device).train(), call, config
 
 
 def make_inputs(args: argparse.Namespace) -> dict[str, Tensor]:
-    """The same tensors for both models, from a fixed seed, built on the CPU then moved."""
+    """The same tensors for every model, from a fixed seed, built on the CPU then moved."""
     g = torch.Generator().manual_seed(1234)
     b, length = args.batch, args.text_len
     t = torch.rand(b, generator=g)
@@ -355,6 +407,7 @@ def _environment(args: argparse.Namespace) -> dict:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else None
     env = {
         "python": platform.python_version(), "torch": torch.__version__, "imagen_pytorch": ver("imagen-pytorch"),
+        "diffusers": ver("diffusers"),
         "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--", "cascade", "benchmarks")),
@@ -374,35 +427,52 @@ def _fmt_flops(n) -> str:
 
 
 def report_table(result: dict) -> str:
-    o, p = result["models"]["ours"], result["models"]["peer"]
-    rows = [("", "ours (cascade VideoUNet)", "imagen-pytorch Unet3D", "peer / ours")]
-    # times: median (min); the ratio of the medians (of the minima). Under contention the minimum is the run with
-    # the least interference, so both are shown.
+    """Columns: ours, then each peer with its ratio peer / ours. Times: median (min) and the ratio of the medians
+    (of the minima); under contention the minimum is the run with the least interference, so both are shown."""
+    models = result["models"]
+    peers = [n for n in models if n != "ours"]
+    o = models["ours"]
+    header = ["", LABELS["ours"]]
+    for n in peers:
+        header += [LABELS[n], f"{n} / ours"]
+    rows = [header]
 
-    def add(label: str, a: str, b: str, ratio: str = "") -> None:
-        rows.append((label, a, b, ratio))
+    def add(label: str, cell: Callable[[dict], str], ratio: Callable[[dict, dict], str] = lambda p, o: "") -> None:
+        row = [label, cell(o)]
+        for n in peers:
+            row += [cell(models[n]), ratio(models[n], o)]
+        rows.append(row)
 
-    add("parameters", f"{o['params'] / 1e6:.2f}M", f"{p['params'] / 1e6:.2f}M", f"{p['params'] / o['params']:.3f}")
+    add("parameters", lambda m: f"{m['params'] / 1e6:.2f}M", lambda p, o: f"{p['params'] / o['params']:.3f}")
     for key, label in (("train_step", "train step (fwd+bwd+AdamW)"), ("fwd_bwd", "  fwd+bwd"),
                        ("forward", "  forward (with grad)"), ("backward", "  backward"),
                        ("optimizer", "  AdamW step"), ("forward_nograd", "forward only (no_grad)")):
-        a, b = o["time_s"][key], p["time_s"][key]
-        add(label, f"{a['median']:.3f} s ({a['min']:.3f})", f"{b['median']:.3f} s ({b['min']:.3f})",
-            f"{b['median'] / a['median']:.2f}x ({b['min'] / a['min']:.2f}x)")
-    om, pm = o.get("memory", {}), p.get("memory", {})
-    add("peak memory", _fmt_bytes(om.get("peak_bytes")), _fmt_bytes(pm.get("peak_bytes")))
-    add("  growth during train steps", _fmt_bytes(om.get("growth_bytes")), _fmt_bytes(pm.get("growth_bytes")))
-    of, pf = o.get("flops", {}), p.get("flops", {})
+        add(label, lambda m, k=key: f"{m['time_s'][k]['median']:.3f} s ({m['time_s'][k]['min']:.3f})",
+            lambda p, o, k=key: f"{p['time_s'][k]['median'] / o['time_s'][k]['median']:.2f}x "
+                                f"({p['time_s'][k]['min'] / o['time_s'][k]['min']:.2f}x)")
+
+    def mem(key: str) -> Callable[[dict], str]:
+        return lambda m: _fmt_bytes(m.get("memory", {}).get(key))
+
+    def mem_ratio(key: str) -> Callable[[dict, dict], str]:
+        def ratio(p: dict, o: dict) -> str:
+            a, b = o.get("memory", {}).get(key), p.get("memory", {}).get(key)
+            return f"{b / a:.2f}" if a and b else ""
+        return ratio
+
+    add("peak memory", mem("peak_bytes"), mem_ratio("peak_bytes"))
+    add("  growth during train steps", mem("growth_bytes"), mem_ratio("growth_bytes"))
     for key, label in (("fwd_bwd", "GFLOP per train step (fwd+bwd)"), ("forward", "GFLOP per forward")):
-        ratio = f"{pf[key] / of[key]:.2f}" if key in of and key in pf else ""
-        add(label, _fmt_flops(of.get(key)), _fmt_flops(pf.get(key)), ratio)
-    for name, m in (("ours", o), ("peer", p)):
+        add(label, lambda m, k=key: _fmt_flops(m.get("flops", {}).get(k)),
+            lambda p, o, k=key: f"{p['flops'][k] / o['flops'][k]:.2f}"
+            if k in p.get("flops", {}) and k in o.get("flops", {}) else "")
+    for m in models.values():
         if "fwd_bwd" in m.get("flops", {}):
             m["gflops_per_s_fwd_bwd"] = m["flops"]["fwd_bwd"] / m["time_s"]["fwd_bwd"]["median"] / 1e9
-    if "gflops_per_s_fwd_bwd" in o and "gflops_per_s_fwd_bwd" in p:
-        add("achieved GFLOP/s (fwd+bwd)", f"{o['gflops_per_s_fwd_bwd']:.1f}", f"{p['gflops_per_s_fwd_bwd']:.1f}")
-    add("ATen ops per forward", str(o.get("aten_ops_forward", "n/a")), str(p.get("aten_ops_forward", "n/a")))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    add("achieved GFLOP/s (fwd+bwd)",
+        lambda m: f"{m['gflops_per_s_fwd_bwd']:.1f}" if "gflops_per_s_fwd_bwd" in m else "n/a")
+    add("ATen ops per forward", lambda m: str(m.get("aten_ops_forward", "n/a")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -423,12 +493,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before them")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--skip-children", action="store_true", help="no memory / FLOP / op-count children")
-    parser.add_argument("--profile", choices=["ours", "peer"], help="print a torch.profiler table of one model's "
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"comma-separated peers to run against ours, from {', '.join(PEERS)} (default: all)")
+    parser.add_argument("--profile", choices=["ours", *PEERS], help="print a torch.profiler table of one model's "
                         "train step instead of benchmarking")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/train_step-<device>.json, "
                         "with -bfloat16 appended for that dtype)")
-    parser.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ours", *PEERS], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    peers = tuple(p for p in args.peers.split(",") if p)
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown or not peers:
+        parser.error(f"--peers {args.peers!r}: choose from {', '.join(PEERS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
 
@@ -440,23 +516,24 @@ def main(argv: list[str] | None = None) -> None:
         print(profile(args.profile, args))
         return
 
-    names = ("ours", "peer")
+    names = ("ours", *peers)
     built = {name: build(name, args) for name in names}
     inp = make_inputs(args)
     params = {name: sum(p.numel() for p in built[name][0].parameters()) for name in names}
-    mismatch = params["ours"] / params["peer"] - 1
-    if abs(mismatch) > 0.10:
-        raise SystemExit(f"parameter counts differ by {mismatch:+.1%} (ours {params['ours']:,}, peer "
-                         f"{params['peer']:,}); adjust OURS_CONFIG to within 10 %")
+    for peer in peers:
+        mismatch = params[peer] / params["ours"] - 1
+        print(f"parameters: ours {params['ours']:,}, {peer} {params[peer]:,} ({mismatch:+.1%})", flush=True)
+        if abs(mismatch) > 0.10:
+            raise SystemExit(f"parameter counts differ by {mismatch:+.1%} (ours {params['ours']:,}, {peer} "
+                             f"{params[peer]:,}); match the configurations to within 10 %")
     opts = {name: make_optimizer(built[name][0]) for name in names}
-    print(f"ours {params['ours'] / 1e6:.2f}M params, peer {params['peer'] / 1e6:.2f}M ({mismatch:+.1%}); "
-          f"{args.device} {args.dtype}, {args.threads} threads, input {args.batch}x3x{args.frames}x{args.size}x"
-          f"{args.size}, text {args.text_len}x4096", flush=True)
+    print(f"{args.device} {args.dtype}, {args.threads} threads, input {args.batch}x3x{args.frames}x{args.size}x"
+          f"{args.size}, text {args.text_len}x4096; order per round: {', '.join(names)}", flush=True)
 
     times: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     load = {"before": os.getloadavg()}
     for i in range(args.warmup + args.repeats):
-        for name in names:  # A B A B ...
+        for name in names:  # A B C A B C ...
             model, call, _ = built[name]
             parts = train_step(model, call, opts[name], inp, args)
             if i >= args.warmup:
@@ -474,6 +551,7 @@ def main(argv: list[str] | None = None) -> None:
             if i >= 1:
                 times[name].setdefault("forward_nograd", []).append(elapsed)
     load["after"] = os.getloadavg()
+    configs = {name: built[name][2] for name in names}
     del built, opts
 
     result: dict = {
@@ -482,19 +560,17 @@ def main(argv: list[str] | None = None) -> None:
             "device": args.device, "dtype": args.dtype, "batch": args.batch, "channels": 3, "frames": args.frames,
             "height": args.size, "width": args.size, "text_len": args.text_len, "text_dim": 4096,
             "text_real_tokens": inp["mask"].sum(1).tolist(), "repeats": args.repeats, "warmup": args.warmup,
-            "threads": args.threads, "order": "alternating, ours then peer in every round",
+            "threads": args.threads, "order": f"alternating, {', '.join(names)} in every round",
             "loss": "MSE against a fixed random target", "optimizer": "AdamW(lr=1e-4, weight_decay=0.01, foreach)",
             "loadavg_1_5_15min": load,
         },
         "environment": _environment(args),
         "models": {},
-        "conditioning_differences": CONDITIONING_DIFFERENCES,
+        "conditioning_differences": {peer: CONDITIONING_DIFFERENCES[peer] for peer in peers},
     }
-    configs = {"ours": dict(OURS_CONFIG), "peer": dict(PEER_CONFIG, max_text_len=args.text_len)}
     for name in names:
         result["models"][name] = {
-            "name": "cascade.nn.unet.VideoUNet" if name == "ours" else "imagen_pytorch.imagen_video.Unet3D",
-            "config": configs[name], "params": params[name],
+            "name": CLASSES[name], "config": configs[name], "params": params[name],
             "time_s": {k: {"median": _median(v), "min": min(v), "max": max(v), "all": v}
                        for k, v in times[name].items()},
         }
@@ -502,10 +578,10 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             print(f"  measuring memory and FLOPs of {name} in a child process", flush=True)
             result["models"][name].update(run_child(name, args))
-    result["ratios_peer_over_ours"] = {
-        "of_medians": {k: _median(times["peer"][k]) / _median(times["ours"][k]) for k in times["ours"]},
-        "of_minima": {k: min(times["peer"][k]) / min(times["ours"][k]) for k in times["ours"]},
-    }
+    result["ratios_over_ours"] = {peer: {
+        "of_medians": {k: _median(times[peer][k]) / _median(times["ours"][k]) for k in times["ours"]},
+        "of_minima": {k: min(times[peer][k]) / min(times["ours"][k]) for k in times["ours"]},
+    } for peer in peers}
 
     table = report_table(result)
     print()
