@@ -17,8 +17,8 @@ What is measured, per model, on identical input tensors (same seed, same values,
 
 Timing alternates the models in one process: `--warmup` rounds, then `--repeats` rounds, each round one step of
 ours, then one of imagen-pytorch, then one of diffusers (A B C A B C ...), so all see the same machine load over
-time; the report gives medians and the ratio peer / ours of the medians (> 1: ours is faster). The machine this runs on is shared and noisy: compare
-only within one run.
+time; the report gives medians and the ratio peer / ours of the medians (> 1: ours is faster). The machine this
+runs on is shared and noisy: compare only within one run.
 
 Memory is measured in a fresh child process per model, not in the timing process: on CPU the only honest measure
 is the resident set size, and PyTorch's CPU allocator keeps no peak statistics (`torch.cuda.max_memory_allocated`
