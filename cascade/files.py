@@ -7,11 +7,17 @@ from pathlib import Path
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks (weights, checkpoints, students' lineage)."""
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (weights, checkpoints, students' lineage); of a folder (a
+    sharded checkpoint), of its files' names and bytes in name order."""
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
+    path = Path(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            digest.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

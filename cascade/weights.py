@@ -9,6 +9,8 @@ settings it cannot honour.
 from __future__ import annotations
 
 import json
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,5 +79,48 @@ def save_weights(path: str | Path, tensors: dict, info: WeightsInfo, described: 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={**info.metadata(), **described})
+    tmp.replace(path)
+    return path
+
+
+def save_weights_streaming(path: str | Path, index: dict[str, tuple[tuple[int, ...], torch.dtype]], groups,
+                           info: WeightsInfo, described: dict[str, str]) -> Path:
+    """Like `save_weights`, for weights too large to hold at once: `index` names every tensor's shape and dtype,
+    `groups` yields (names, load) pairs, `load()` giving those tensors (each name in one group); only one group is
+    held at a time. The header is written first from `index` (keys sorted: the same tensors give the same bytes), the
+    data in the order the groups come; atomic like `save_weights`."""
+    import torch
+
+    codes = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    groups = list(groups)  # the groups' order (names only; tensors are produced lazily by calling each)
+    order = [name for names, _ in groups for name in names]
+    if sorted(order) != sorted(index):
+        raise ValueError(f"{path}: the groups name {len(order)} tensors, the index {len(index)}")
+    header: dict = {"__metadata__": {**info.metadata(), **described}}
+    offset = 0
+    for name in order:
+        shape, dtype = index[name]
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = dict(dtype=codes[dtype], shape=list(shape), data_offsets=[offset, offset + size])
+        offset += size
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as file:
+        file.write(struct.pack("<Q", len(text)))
+        file.write(text)
+        for names, load in groups:
+            tensors = load()
+            for name in names:
+                t = tensors[name]
+                if tuple(t.shape) != tuple(index[name][0]) or t.dtype != index[name][1]:
+                    raise ValueError(f"{path}: tensor {name} is {t.dtype}{list(t.shape)}, the index says "
+                                     f"{index[name][1]}{list(index[name][0])}")
+                file.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            del tensors
     tmp.replace(path)
     return path

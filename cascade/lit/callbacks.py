@@ -123,8 +123,12 @@ class SampleVideos(L.Callback):
                           for k, v in batch.items() if k in keep}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from cascade.lit.sharding import is_sharded
+
         step = trainer.global_step
-        if step == 0 or step % self.every or not trainer.is_global_zero or self.fixed is None:
+        # A sharded EMA's forward gathers its weights from every rank: then every rank samples, rank 0 writes.
+        if step == 0 or step % self.every or self.fixed is None or not (
+                trainer.is_global_zero or is_sharded(pl_module.ema.module)):
             return
         if getattr(self, "_last", None) == step:  # several micro-batches per optimizer step
             return
@@ -132,7 +136,7 @@ class SampleVideos(L.Callback):
         self.sample(trainer, pl_module, step)
 
     @torch.no_grad()
-    def sample(self, trainer, pl_module, step: int) -> Path:
+    def sample(self, trainer, pl_module, step: int) -> Path | None:
         from cascade.data.loader import to_model_input
         from cascade.data.video import to_uint8, write_video
         from cascade.sampling.cascade import CascadeSampler
@@ -144,6 +148,8 @@ class SampleVideos(L.Callback):
         generator = torch.Generator(device=pl_module.device).manual_seed(step)
         video, _ = CascadeSampler.sample_stage(spec, fixed["text"], fixed["text_mask"], fixed.get("cond"), generator)
         pl_module.ema.train(was_training)
+        if not trainer.is_global_zero:
+            return None
         frames = to_uint8(torch.cat(list(video), dim=-1))  # samples side by side
         path = write_video(self.folder / f"step-{step:07d}.mp4", frames, spec.fps)
         for logger in trainer.loggers:

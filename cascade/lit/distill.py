@@ -41,6 +41,16 @@ class DistillModule(L.LightningModule):
         self.randomness = StepRandomness(seed)
         self._last_time: float | None = None
 
+    def configure_model(self) -> None:
+        """Under `launch.strategy: fsdp`: the student and the frozen teacher sharded per block over the mesh."""
+        from cascade.lit.sharding import is_sharded, mixed_precision, shard_network
+
+        if self.device_mesh is None or is_sharded(self.student):
+            return
+        mesh, policy = self.device_mesh["data_parallel"], mixed_precision(self.trainer.precision)
+        shard_network(self.student, mesh, policy)
+        shard_network(self.teacher, mesh, policy)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()  # the teacher never trains (dropout off)

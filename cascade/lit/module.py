@@ -56,6 +56,7 @@ class StageModule(L.LightningModule):
         self.denoiser = Denoiser(net, parameterization)
         self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
+        self.ema_decay = ema_decay
         self.schedule, self.weighting, self.augmentation = schedule, weighting, augmentation
         self.text_drop_prob = text_drop_prob
         self.optim = dict(name=optimizer, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
@@ -67,6 +68,17 @@ class StageModule(L.LightningModule):
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         self._skipped = False
         self._last_step_time: float | None = None
+
+    def configure_model(self) -> None:
+        """Under `launch.strategy: fsdp` (Lightning's ModelParallelStrategy): the network and its EMA sharded over
+        the data-parallel mesh, per block and at the root (cascade.lit.sharding)."""
+        from cascade.lit.sharding import is_sharded, mixed_precision, shard_network
+
+        if self.device_mesh is None or is_sharded(self.net):
+            return
+        mesh, policy = self.device_mesh["data_parallel"], mixed_precision(self.trainer.precision)
+        shard_network(self.net, mesh, policy)
+        shard_network(self.ema.module, mesh, policy)
 
     def on_train_start(self) -> None:
         self._last_step_time = time.perf_counter()
@@ -147,15 +159,19 @@ class StageModule(L.LightningModule):
                 file.write(json.dumps(record) + "\n")
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        from lightning.pytorch.utilities import grad_norm
+        from cascade.lit.sharding import total_grad_norm
 
-        norms = {} if self._skipped else grad_norm(self.net, norm_type=2)
-        self.log("train/grad_norm", norms.get("grad_2.0_norm_total", float("nan")))  # NaN: no gradient this step
+        norm = float("nan") if self._skipped else total_grad_norm(self.net.parameters())
+        self.log("train/grad_norm", norm)  # NaN: no gradient this step
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         if not self._skipped:
-            self.ema.update_parameters(self.net)
+            from cascade.lit.sharding import ema_update
+
+            # torch.optim.swa_utils' EMA, on each rank's shard (whole tensors when nothing is sharded)
+            ema_update(self.ema.module, self.net, self.ema_decay, first=self.ema.n_averaged.item() == 0)
+            self.ema.n_averaged += 1
 
     def configure_optimizers(self):
         o = self.optim

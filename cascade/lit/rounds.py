@@ -22,16 +22,29 @@ def teacher_weights(recipe: Recipe, stage: Stage, teacher: str | Path | None) ->
 
     from cascade.lit.train import ema_weights
 
+    from cascade.lit.sharding import checkpoint_complete
+
     path = Path(teacher) if teacher is not None else recipe.run_folder(stage.name) / "checkpoints" / "last.ckpt"
-    if not path.is_file():
+    if not checkpoint_complete(path):
         raise FileNotFoundError(f"{path}: no trained weights for stage {stage.name}; train it first "
                                 f"(`cascade train RECIPE --stage {stage.name}`) or pass --teacher FILE")
     return (load_file(str(path)) if path.suffix == ".safetensors" else ema_weights(path)[0]), path
 
 
-def save_student(net: nn.Module, path: Path, recipe: Recipe, stage: Stage, info: WeightsInfo, lineage: list) -> Path:
+def full_weights(net: nn.Module) -> dict:
+    """The network's whole weights on CPU; a sharded one's gathered (all ranks call this; rank 0 gets them)."""
+    from cascade.lit.sharding import is_sharded
+
+    if not is_sharded(net):
+        return net.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_student(weights: dict, path: Path, recipe: Recipe, stage: Stage, info: WeightsInfo, lineage: list) -> Path:
     """The student's weights with its description, the resolved stage recipe and its lineage."""
-    return save_weights(path, net.state_dict(), info, {
+    return save_weights(path, weights, info, {
         "cascade.stage": json.dumps(stage.model_dump(mode="json")), "cascade.recipe": recipe.name,
         "cascade.text_encoder": json.dumps(recipe.text_encoder.model_dump(mode="json")),
         "cascade.lineage": json.dumps(lineage)})
@@ -79,11 +92,12 @@ def distill(recipe: Recipe, stage_name: str, teacher: str | Path | None = None, 
                           samples=False)
             if trainer.global_step < r.max_steps:  # stopped by a signal: the round is not finished
                 raise SystemExit(0)
+            weights = full_weights(module.student)  # collective when sharded: every rank takes part
             if trainer.is_global_zero:  # one writer; the other ranks read what it wrote
                 info = WeightsInfo(kind="distilled", method=method.name, steps=method.student_steps,
                                    sampler=method.sampler, guidance_input=method.guidance_input,
                                    w_range=w)
-                save_student(module.student, student_file, recipe, stage, info, lineage)
+                save_student(weights, student_file, recipe, stage, info, lineage)
             else:
                 wait_for(student_file)
         state = load_file(str(student_file))

@@ -95,9 +95,11 @@ def build_module(recipe: Recipe, stage: Stage, journal: Path | None = None):
 
 
 def resume_checkpoint(folder: Path) -> Path | None:
-    """The run's last.ckpt, if any (written at a preemption, at the end, and every `train.checkpoint_every`)."""
-    path = folder / "checkpoints" / "last.ckpt"
-    return path if path.is_file() else None
+    """The run's last.ckpt, if any (written at a preemption, at the end, and every `train.checkpoint_every`): a
+    file, or under `launch.strategy: fsdp` a folder of shards (cascade.lit.sharding)."""
+    from cascade.lit.sharding import complete_checkpoint
+
+    return complete_checkpoint(folder / "checkpoints" / "last.ckpt")
 
 
 def wandb_run_id(folder: Path, recipe: Recipe, stage: Stage) -> str:
@@ -151,7 +153,13 @@ def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_call
     if SLURMEnvironment.detect():  # Lightning's default would install its own SIGUSR1 requeue handler
         plugins.append(SLURMEnvironment(auto_requeue=False))
     accelerator = launch.accelerator if launch.accelerator != "gpu" else "cuda"
-    strategy = launch.strategy if (launch.gpus_per_node * launch.nodes > 1) else "auto"
+    world = launch.gpus_per_node * launch.nodes
+    strategy = launch.strategy if world > 1 else "auto"
+    if strategy == "fsdp":  # FSDP2 through ModelParallelStrategy (Lightning's FSDPStrategy is FSDP1 and GPU-only)
+        from cascade.lit.sharding import strategy as sharded_strategy
+
+        strategy = sharded_strategy(world)
+        plugins = [p for p in plugins if not isinstance(p, AtomicCheckpointIO)]  # its checkpoints are folders
     return L.Trainer(
         accelerator=accelerator, devices=launch.gpus_per_node, num_nodes=launch.nodes, strategy=strategy,
         precision=t.precision, max_steps=max_steps, gradient_clip_val=t.grad_clip,
@@ -214,22 +222,49 @@ def train(recipe: Recipe, stage_name: str, extra_callbacks=(), module_hook=None)
 
 
 def ema_weights(checkpoint: str | Path) -> tuple[dict, dict]:
-    """(EMA weights, the rest of the checkpoint) of a training checkpoint; tensors only: nothing is unpickled."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    """(EMA weights, the rest of the checkpoint) of a training checkpoint, a file or a sharded folder (assembled
+    in this process); tensors only: nothing is unpickled."""
     prefix = "ema.module."
-    weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    if Path(checkpoint).is_dir():
+        from cascade.lit.sharding import checkpoint_meta, read_tensors, tensor_index
+
+        index = tensor_index(checkpoint)
+        keys = [k for k in index if k.startswith("state_dict." + prefix)]
+        weights = {k[len("state_dict." + prefix):]: v for k, v in read_tensors(checkpoint, keys, index).items()}
+        state = checkpoint_meta(checkpoint)
+    else:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"{checkpoint}: no EMA weights (keys 'ema.module.*') in this checkpoint")
     return weights, state
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """EMA weights of a training checkpoint as safetensors, the resolved stage recipe in the metadata."""
-    from cascade.weights import WeightsInfo, save_weights
+    """EMA weights of a training checkpoint as safetensors, the resolved stage recipe in the metadata. From a
+    sharded checkpoint folder the EMA is gathered one block at a time (cascade.lit.sharding.ema_groups)."""
+    from cascade.weights import WeightsInfo, save_weights, save_weights_streaming
 
+    def described(state: dict) -> dict:
+        info = json.loads(state.get("cascade", {}).get("recipe", "{}"))
+        return {"cascade.stage": json.dumps(info.get("stage", {})), "cascade.recipe": str(info.get("recipe", "")),
+                "cascade.text_encoder": json.dumps(info.get("text_encoder", {})),
+                "cascade.global_step": str(state.get("global_step", ""))}
+
+    if Path(checkpoint).is_dir():
+        from cascade.lit.sharding import checkpoint_meta, ema_groups, read_tensors, tensor_index
+
+        full = "state_dict.ema.module."
+        index = tensor_index(checkpoint)
+        groups = ema_groups(index, full)
+        if not groups:
+            raise ValueError(f"{checkpoint}: no EMA weights (keys 'ema.module.*') in this checkpoint")
+
+        def loader(keys):
+            return lambda: {k[len(full):]: v for k, v in read_tensors(checkpoint, keys, index).items()}
+        return save_weights_streaming(
+            out, {k[len(full):]: index[k] for group in groups for k in group},
+            [([k[len(full):] for k in keys], loader(keys)) for keys in groups], WeightsInfo(kind="ema"),
+            described(checkpoint_meta(checkpoint)))
     weights, state = ema_weights(checkpoint)
-    info = json.loads(state.get("cascade", {}).get("recipe", "{}"))
-    return save_weights(out, weights, WeightsInfo(kind="ema"), {
-        "cascade.stage": json.dumps(info.get("stage", {})), "cascade.recipe": str(info.get("recipe", "")),
-        "cascade.text_encoder": json.dumps(info.get("text_encoder", {})),
-        "cascade.global_step": str(state.get("global_step", ""))})
+    return save_weights(out, weights, WeightsInfo(kind="ema"), described(state))
