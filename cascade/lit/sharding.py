@@ -52,8 +52,13 @@ def mixed_precision(precision: str):
 def shard_network(net: nn.Module, mesh, policy) -> None:
     """`fully_shard` each block, then the root (stem, embeddings, samplers, output): one block's full weights are
     gathered at a time in forward and backward."""
+    import warnings
+
     from torch.distributed.fsdp import fully_shard
 
+    # The U-Net returns a transposed view; FSDP2 warns that an in-place op on it would skip a hook. Nothing here
+    # modifies a network's output in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
     for block in unet_blocks(net):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(net, mesh=mesh, mp_policy=policy)
