@@ -47,7 +47,18 @@ def cmd_demo(args) -> int:
 
 def _stage_of(args):
     """The recipe with its overrides, and the stage named by --stage (a RecipeError names the stages there are)."""
-    recipe = load_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides)
+    device = getattr(args, "train_device", None)
+    if device is not None:  # --device of train and distill: the stage's launch.accelerator
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                print("error: --device cuda: no CUDA device is visible here (torch.cuda.is_available() is False)",
+                      file=sys.stderr)
+                raise SystemExit(2)
+        overrides.append(f"stages.{args.stage}.launch.accelerator={dict(cuda='gpu').get(device, device)}")
+    recipe = load_recipe(args.recipe, overrides)
     try:
         return recipe, recipe.stage(args.stage)
     except KeyError as error:
@@ -104,6 +115,12 @@ def add_device_arguments(p, dtype: bool = True) -> None:
     if dtype:
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                        help="the networks' precision (autocast; the sampler's state stays float32)")
+
+
+def add_train_device_argument(p) -> None:
+    p.add_argument("--device", dest="train_device", choices=["auto", "cpu", "cuda"],
+                   help="where the stage trains: sets its launch.accelerator (default: the recipe's, auto = CUDA "
+                        "when present); launch.gpus_per_node x nodes devices, sharded with launch.strategy fsdp")
 
 
 def _lazy(module: str, function: str):
@@ -246,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.base.train.max_steps=100")
     p.add_argument("--stage", required=True, help="the stage to train")
+    add_train_device_argument(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="guidance and progressive distillation of one trained stage (rerun to resume)")
@@ -254,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True)
     p.add_argument("--teacher", type=Path, help="teacher weights (.safetensors or a training checkpoint); default: "
                    "the stage's last training checkpoint (EMA weights)")
+    add_train_device_argument(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("export", help="EMA weights of a training checkpoint as safetensors (for cascade sample)")
