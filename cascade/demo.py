@@ -12,6 +12,8 @@ DEMO_PROMPTS = ["a red circle moving right on a black background", "a cyan squar
 
 
 def sample_command(args) -> int:
+    """`cascade sample`; under torchrun or srun every rank samples its share of --prompts and rank 0 writes."""
+    from cascade import distributed
     from cascade.inference import Cascade, check_video_path, write_samples
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -28,14 +30,17 @@ def sample_command(args) -> int:
         if args.up_to is not None and args.up_to not in names:
             raise ValueError(f"--up-to {args.up_to}: no such stage; stages are {', '.join(names)}")
         used = names[: names.index(args.up_to) + 1] if args.up_to else names
-        cascade = Cascade.from_recipe(recipe, args.checkpoints, stages=used, device=args.device, dtype=args.dtype)
-        report = write_samples(cascade, prompts, args.out, seed=args.seed, batch_size=args.batch_size)
+        ranks = distributed.init(args.device)
+        cascade = Cascade.from_recipe(recipe, args.checkpoints, stages=used, device=ranks.device, dtype=args.dtype)
+        report = write_samples(cascade, prompts, args.out, seed=args.seed, batch_size=args.batch_size, ranks=ranks,
+                               release_text_encoder=True)
     except (FileNotFoundError, ValueError) as error:
         if isinstance(error, RecipeError):
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    _print_summary(report, args.out)
+    if report is not None:  # rank 0
+        _print_summary(report, args.out)
     return 0
 
 
@@ -77,6 +82,6 @@ def demo_command(args) -> int:
     recipe = load_recipe(tiny, [f"text_encoder.path={t5}"] + [f"stages.{s}.sampler.steps=4" for s in stages])
     print(f"== sampling {len(DEMO_PROMPTS)} videos from a randomly initialised tiny cascade (4 steps per stage)")
     cascade = Cascade.from_recipe(recipe, device=args.device)
-    report = write_samples(cascade, DEMO_PROMPTS, out / "sample.mp4", seed=0, batch_size=2)
+    report = write_samples(cascade, DEMO_PROMPTS, out / "sample.mp4", seed=0, batch_size=2, release_text_encoder=True)
     _print_summary(report, out / "sample.mp4")
     return 0

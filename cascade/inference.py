@@ -36,7 +36,9 @@ __all__ = ["Cascade", "Generation", "LoadedStage", "check_video_path", "default_
 
 def default_device() -> torch.device:
     """CUDA when present, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from cascade.distributed import resolve_device
+
+    return resolve_device(None)
 
 
 class _Autocast(nn.Module):
@@ -120,8 +122,10 @@ class Cascade:
         """Load `stages` (default: all) of a recipe (a Recipe or a file) with the weights in the folder `weights`
         (None: random initialisation), on `device` (default: CUDA if available) in `dtype`; the text encoder on the
         same device in the recipe's dtype unless `text_encoder` is False."""
+        from cascade.distributed import resolve_device
+
         recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-        device = default_device() if device is None else torch.device(device)
+        device = resolve_device(device)  # a ValueError naming the device when it cannot be had
         if isinstance(dtype, str):
             from cascade.nn.text import DTYPES
 
@@ -202,6 +206,12 @@ class Cascade:
         text, mask = self.encoder.encode(list(prompts))
         return text.to(self.device), mask.to(self.device)
 
+    def release_text_encoder(self) -> None:
+        """Free the text encoder's memory (T5-XXL: ~10 GB) once every prompt is encoded; `encode` fails after."""
+        self.encoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def sample_stage(self, name: str, text: Tensor, text_mask: Tensor, previous: Tensor | None, seed: int,
                      indices: Sequence[int], setting: Mapping | None = None, progress: bool = False
                      ) -> tuple[Tensor, int]:
@@ -216,8 +226,12 @@ class Cascade:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 4, up_to: str | None = None,
-                 progress: bool = True) -> Generation:
-        """Sample every loaded stage (up to and including `up_to`) for every prompt, `batch_size` at a time."""
+                 progress: bool = True, indices: Sequence[int] | None = None,
+                 release_text_encoder: bool = False) -> Generation:
+        """Sample every loaded stage (up to and including `up_to`) for every prompt, `batch_size` at a time. Prompt
+        k is video `indices[k]` (default: k) of the seed's random streams, so a share of a larger run (a rank's)
+        gives the same videos as the whole run. Every prompt is encoded first; `release_text_encoder` then frees the
+        encoder before the U-Nets sample."""
         chain = [s.name for s in self.recipe.stages]
         if up_to is not None and up_to not in chain:
             raise ValueError(f"no stage named {up_to!r}; stages are {', '.join(chain)}")
@@ -225,18 +239,25 @@ class Cascade:
         if names != chain[: len(names)] or not names:
             raise ValueError(f"sampling needs the cascade's stages from the first on; loaded: {', '.join(self.stages)}")
         prompts = list(prompts)
+        indices = list(range(len(prompts)) if indices is None else indices)
+        if len(indices) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(indices)} indices")
         sampler = CascadeSampler([self.spec(name) for name in names])
         out = Generation(prompts, videos={})
+        firsts = range(0, len(prompts), batch_size)
+        texts = [self.encode(prompts[first:first + batch_size]) for first in firsts]
+        if release_text_encoder:
+            self.release_text_encoder()
         pieces: dict[str, list[Tensor]] = {name: [] for name in names}
-        for first in range(0, len(prompts), batch_size):
+        for first, (text, mask) in zip(firsts, texts):
             batch = prompts[first:first + batch_size]
-            text, mask = self.encode(batch)
             start = time.perf_counter()
-            result = sampler.sample(text, mask, seed=seed, indices=range(first, first + len(batch)), progress=progress)
+            result = sampler.sample(text, mask, seed=seed, indices=indices[first:first + len(batch)],
+                                    progress=progress)
             out.batches.append(dict(prompts=batch, seconds=time.perf_counter() - start, stages=result.stats))
             for name, video in result.videos.items():
                 pieces[name].append(video.cpu())
-        out.videos = {name: torch.cat(parts) for name, parts in pieces.items()}
+        out.videos = {name: torch.cat(parts) for name, parts in pieces.items() if parts}  # none for no prompts
         return out
 
 
@@ -261,38 +282,63 @@ def check_video_path(out: str | Path) -> Path:
 
 
 def write_samples(cascade: Cascade, prompts: Sequence[str], out: str | Path, seed: int = 0, batch_size: int = 4,
-                  up_to: str | None = None, progress: bool = True) -> dict:
+                  up_to: str | None = None, progress: bool = True, ranks=None,
+                  release_text_encoder: bool = False) -> dict | None:
     """Sample the prompts and write the final video (`out`, .mp4 or .gif; OUT_NNN.ext for several prompts), every
     stage's output (OUT_stages/NNN_STAGE.mp4) and a JSON report (OUT.json: settings, seed, weights, network
-    evaluations and seconds per stage). Returns the report."""
-    from cascade.data.video import to_uint8, write_video
+    evaluations and seconds per stage). Returns the report.
 
+    With `ranks` (`cascade.distributed.init`), each rank samples its whole batches of the one-process run (the same
+    videos, `generate`'s indices) and rank 0 gathers the uint8 videos and writes everything; the other ranks write
+    nothing and return None."""
+    from cascade.data.video import to_uint8, write_video
+    from cascade.distributed import Ranks, gather, share
+
+    ranks = ranks or Ranks(device=cascade.device)
     out = check_video_path(out)
-    generation = cascade.generate(prompts, seed=seed, batch_size=batch_size, up_to=up_to, progress=progress)
-    recipe, used = cascade.recipe, list(generation.videos)
+    prompts = list(prompts)
+    batches = [list(range(first, min(first + batch_size, len(prompts)))) for first in range(0, len(prompts), batch_size)]
+    mine = [i for batch in share(batches, ranks) for i in batch]
+    if ranks.world > 1:
+        print(f"rank {ranks.rank}/{ranks.world}: {len(mine)} of {len(prompts)} videos"
+              + (f" ({mine[0]}-{mine[-1]})" if mine else ""), flush=True)
+    generation = cascade.generate([prompts[i] for i in mine], seed=seed, batch_size=batch_size, up_to=up_to,
+                                  progress=progress and ranks.is_zero, indices=mine,
+                                  release_text_encoder=release_text_encoder)
+    local = dict(indices=mine, batches=generation.batches,
+                 videos={name: to_uint8(video) for name, video in generation.videos.items()})  # (N, T, H, W, 3)
+    parts = gather(local, ranks)
+    if parts is None:
+        return None
+    videos: dict[str, dict[int, object]] = {}
+    for part in parts:
+        for name, stage_videos in part["videos"].items():
+            videos.setdefault(name, {}).update(zip(part["indices"], stage_videos))
+    recipe, used = cascade.recipe, list(videos)
     stage_dir = out.with_name(out.stem + "_stages")
-    report = dict(recipe=recipe.name, prompts=list(prompts), seed=seed,
+    report = dict(recipe=recipe.name, prompts=prompts, seed=seed,
                   checkpoints=None if cascade.stages[used[0]].path is None else str(cascade.stages[used[0]].path.parent),
                   weights={n: cascade.stages[n].info.summary() for n in used},
                   settings={n: recipe.stage(n).model_dump(include={"sampler", "guidance", "augmentation"}) for n in used},
-                  batches=generation.batches, outputs=[])
+                  batches=[b for part in parts for b in part["batches"]], outputs=[])
     last = recipe.stage(used[-1])
-    for index, prompt in enumerate(generation.prompts):
+    for index, prompt in enumerate(prompts):
         final = out if len(prompts) == 1 else out.with_name(f"{out.stem}_{index:03d}{out.suffix}")
-        write_video(final, to_uint8(generation.final[index]), last.fps)
+        write_video(final, videos[last.name][index], last.fps)
         stages = {}
-        for name, video in generation.videos.items():
+        for name in used:
             path = stage_dir / f"{index:03d}_{name}.mp4"
-            write_video(path, to_uint8(video[index]), recipe.stage(name).fps)
+            write_video(path, videos[name][index], recipe.stage(name).fps)
             stages[name] = str(path)
         report["outputs"].append(dict(prompt=prompt, video=str(final), stages=stages))
     totals: dict[str, dict] = {}
-    for batch in generation.batches:
+    for batch in report["batches"]:
         for s in batch["stages"]:
             totals.setdefault(s["stage"], dict(nfe_per_video=s["nfe_per_video"], seconds=0.0))["seconds"] += s["seconds"]
     report["per_stage"] = totals
     report["nfe_per_video"] = sum(t["nfe_per_video"] for t in totals.values())
     report["environment"] = dict(python=platform.python_version(), torch=torch.__version__,
-                                 threads=torch.get_num_threads(), device=str(cascade.device))
+                                 threads=torch.get_num_threads(), device=str(cascade.device), ranks=ranks.world,
+                                 videos_per_rank=[len(part["indices"]) for part in parts])
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     return report

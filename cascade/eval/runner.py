@@ -175,10 +175,16 @@ def load_examples(folder: Path, spec, count: int) -> dict:
 # Metrics
 # --------------------------------------------------------------------------------------------------------------
 class Metrics:
-    """The requested metrics; a metric that cannot run here says why once and is reported as skipped."""
+    """The requested metrics on `ranks`' device; a metric that cannot run here says why once and is reported as
+    skipped. Each rank scores its own videos and the scores merge across ranks: FVD statistics by all-reduce
+    (`FeatureStats.all_reduce`), probe hits and CLIPSIM cosines as sums and counts; FVD itself is taken on rank 0,
+    against reference statistics that rank 0 computes and caches."""
 
-    def __init__(self, recipe: Recipe, plan: EvalPlan, folder: Path, cache: Path) -> None:
+    def __init__(self, recipe: Recipe, plan: EvalPlan, folder: Path, cache: Path, ranks=None) -> None:
+        from cascade.distributed import Ranks
+
         self.recipe, self.plan, self.folder, self.cache = recipe, plan, folder, cache
+        self.ranks = ranks or Ranks()
         self.skipped: dict[str, str] = {}
         self._i3d = self._clip = None
         self._references: dict[str, object] = {}
@@ -189,7 +195,7 @@ class Metrics:
                 from cascade.eval.fvd import FVDProtocol, I3DFeatures
 
                 self.protocol = FVDProtocol(frames=recipe.eval.frames)
-                self._i3d = I3DFeatures(self.protocol, batch_size=plan.batch_size)
+                self._i3d = I3DFeatures(self.protocol, batch_size=plan.batch_size, device=self.ranks.device)
             except (FileNotFoundError, ValueError) as error:
                 self.skipped["fvd"] = str(error)
         if "clipsim" in plan.metrics:
@@ -198,7 +204,7 @@ class Metrics:
             else:
                 from cascade.eval.clipsim import CLIPSim
 
-                self._clip = CLIPSim(recipe.eval.clip_path)
+                self._clip = CLIPSim(recipe.eval.clip_path, device=self.ranks.device)
 
     def wants(self, name: str) -> bool:
         return name in self.plan.metrics and name not in self.skipped
@@ -219,24 +225,43 @@ class Metrics:
                 fps=stage.fps, frames=stage.frames, cache_dir=self.cache, extractor=self._i3d)
         return self._references[stage.name]
 
+    def generated_stats(self, videos: np.ndarray):
+        """FVD statistics of every rank's `videos` (N, T, H, W, 3) uint8 (N may be 0), the same on every rank."""
+        from cascade.eval.fvd import FVDStats
+
+        stats = self._i3d.stats([videos], num_videos=len(videos)) if len(videos) else FVDStats()
+        if self.ranks.world > 1:
+            stats.all_reduce()
+        stats.protocol = self.protocol.as_dict(self._i3d.weights_sha256, stats.count)
+        return stats
+
     def score(self, stage: Stage, videos: np.ndarray, captions: list[str], reference: bool = False) -> dict:
-        """videos: (N, T, H, W, 3) uint8. `reference`: these are the ground truth (no FVD against themselves)."""
+        """videos: (N, T, H, W, 3) uint8, this rank's share (N may be 0). `reference`: these are the ground truth
+        (no FVD against themselves). Every rank must call it; the FVD is in rank 0's result only."""
+        from cascade.distributed import all_reduce_sum
+
         out: dict = {}
         if self.wants("probes"):
-            from cascade.eval.probes import probe_accuracy
+            from cascade.eval.probes import FIELDS, probe_accuracy
 
-            summary, _ = probe_accuracy(list(videos), captions)
-            out["probes"] = {k: v for k, v in summary.items() if k != "count"}
-        if self.wants("fvd") and not reference:
-            reason = self.fvd_reason(stage)
-            if reason is None:
-                from cascade.eval.fvd import fvd
+            _, rows = probe_accuracy(list(videos), captions)
+            counts = [[sum(r["correct"][f] for r in rows if f in r["correct"]),
+                       sum(f in r["correct"] for r in rows)] for f in FIELDS]
+            counts = all_reduce_sum(torch.tensor(counts, dtype=torch.float64), self.ranks)
+            out["probes"] = {f: float(hits / n) if n else None for f, (hits, n) in zip(FIELDS, counts.tolist())}
+        if self.wants("fvd") and not reference and self.fvd_reason(stage) is None:
+            from cascade.eval.fvd import fvd
 
-                generated = self._i3d.stats([videos], num_videos=len(videos))
+            generated = self.generated_stats(videos)
+            if self.ranks.is_zero:
                 out["fvd"] = float(fvd(generated, self.reference(stage)))
         if self.wants("clipsim"):
-            result = self._clip.score(videos, captions)
-            out["clipsim"] = dict(cosine=result["cosine"], score=result["score"])
+            size = self.plan.batch_size  # the run's batches: the same CLIP batches for any number of ranks
+            cosines = [c for i in range(0, len(videos), size)
+                       for c in self._clip.score(videos[i:i + size], captions[i:i + size])["per_video"]]
+            total, count = all_reduce_sum(torch.tensor([sum(cosines), len(cosines)]), self.ranks).tolist()
+            cosine = total / count
+            out["clipsim"] = dict(cosine=cosine, score=100 * cosine)
         return out
 
     def describe(self) -> dict:
@@ -252,33 +277,53 @@ class Metrics:
 # Running
 # --------------------------------------------------------------------------------------------------------------
 def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progress: bool = True,
-             device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32) -> dict:
+             device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32) -> dict | None:
     """Run the evaluation on `device` (default: CUDA if available); write eval.json, eval.md and the plots to
-    `out`. Returns the report."""
+    `out`. Returns the report.
+
+    Under torchrun or srun (`cascade.distributed`) each rank samples and scores its whole batches of the
+    one-process run on its own device (cuda:LOCAL_RANK), the scores merge across ranks (`Metrics`) and rank 0
+    writes everything and returns the report; the other ranks write nothing and return None. Every video keeps its
+    index's random streams and its batch, so the report is the same for any number of ranks."""
     from tqdm.auto import tqdm
 
+    from cascade import distributed
     from cascade.data.video import to_uint8, write_video
     from cascade.inference import Cascade
     from cascade.recipe.build import clip_spec
 
     started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    ranks = distributed.init(device)
+    progress = progress and ranks.is_zero
     names = [s.name for s in recipe.stages]
     if "cascade" in plan.modes:  # cascade inputs need every earlier stage
         needed = names[: max(names.index(s) for s in plan.stages) + 1]
     else:  # ground-truth inputs: only the evaluated stages' weights
         needed = [n for n in names if n in plan.stages]
-    cascade = Cascade.from_recipe(recipe, checkpoints, stages=needed, device=device, dtype=dtype)
-    folder, what = eval_folder(recipe, plan.num_videos)
-    metrics = Metrics(recipe, plan, folder, out / "cache")
+    cascade = Cascade.from_recipe(recipe, checkpoints, stages=needed, device=ranks.device, dtype=dtype)
+    if ranks.is_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        folder, what = eval_folder(recipe, plan.num_videos)  # may write the held-out split: rank 0 first
+    distributed.barrier(ranks)
+    if not ranks.is_zero:
+        folder, what = eval_folder(recipe, plan.num_videos)
+    metrics = Metrics(recipe, plan, folder, out / "cache", ranks)
     for name, reason in metrics.skipped.items():
-        print(f"note: {name} skipped: {reason}", file=sys.stderr)
+        if ranks.is_zero:
+            print(f"note: {name} skipped: {reason}", file=sys.stderr)
+    # This rank's whole batches of the one-process run: videos [first, end), in the batches they have in one process.
+    batches = distributed.share([(a, min(a + plan.batch_size, plan.num_videos))
+                                 for a in range(0, plan.num_videos, plan.batch_size)], ranks)
+    first, end = (batches[0][0], batches[-1][1]) if batches else (0, 0)
+    local = [(a - first, b - first) for a, b in batches]  # the same batches, in this rank's tensors
+    if ranks.world > 1:
+        print(f"rank {ranks.rank}/{ranks.world}: {end - first} of {plan.num_videos} videos"
+              + (f" ({first}-{end - 1})" if end > first else ""), file=sys.stderr, flush=True)
     examples = {name: load_examples(folder, clip_spec(recipe.stage(name), recipe), plan.num_videos)
                 for name in plan.stages}  # the same videos in the same order at every stage's clip shape
-    captions = examples[plan.stages[0]]["captions"]
-    batches = [(first, min(first + plan.batch_size, plan.num_videos))
-               for first in range(0, plan.num_videos, plan.batch_size)]
-    texts = [cascade.encode(captions[a:b]) for a, b in batches]
+    captions = examples[plan.stages[0]]["captions"][first:end]
+    texts = [cascade.encode(captions[a:b]) for a, b in local]
+    cascade.release_text_encoder()  # every caption is encoded: T5's memory goes to the U-Nets
 
     def fixed_steps(name: str) -> int | None:
         info = cascade.stages[name].info
@@ -286,13 +331,17 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
 
     def run(stage: Stage, setting: dict, inputs: list[torch.Tensor | None]) -> tuple[torch.Tensor, dict]:
         """Every batch of the stage at one setting; video i draws from its own streams (plan.seed, i, stage), so
-        every setting samples from the same noise (paired comparisons)."""
+        every setting samples from the same noise (paired comparisons). Seconds: the slowest rank's."""
         videos, nfe, start = [], 0, time.perf_counter()
         changes = {k: setting[k] for k in ("steps", "guidance", "oscillate", "aug")}
         for (a, b), (text, mask), low in zip(batches, texts, inputs):
             video, nfe = cascade.sample_stage(stage.name, text, mask, low, plan.seed, range(a, b), changes)
             videos.append(video.cpu())
-        return torch.cat(videos), dict(nfe_per_video=nfe, seconds=time.perf_counter() - start)
+        seconds = distributed.all_reduce_max(torch.tensor([time.perf_counter() - start]), ranks).item()
+        if not videos:  # a rank without videos: the stage's shape, none of them
+            videos.append(torch.zeros(0, 3, stage.frames, stage.height, stage.width))
+        nfe = int(distributed.all_reduce_max(torch.tensor([nfe]), ranks).item())
+        return torch.cat(videos), dict(nfe_per_video=nfe, seconds=seconds)
 
     # The recipe's cascade, once: the inputs of every stage's "cascade" mode.
     default_outputs: dict[str, torch.Tensor] = {}
@@ -302,7 +351,7 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
         for stage in tqdm([recipe.stage(n) for n in needed], desc="eval: the recipe's cascade", disable=not progress):
             video, cost = run(stage, default_setting(stage, fixed_steps(stage.name)), previous)
             default_outputs[stage.name], default_costs[stage.name] = video, cost
-            previous = [video[a:b] for a, b in batches]
+            previous = [video[a:b] for a, b in local]
 
     jobs = []
     for name in plan.stages:
@@ -315,7 +364,7 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
     rows, ground_truth = [], {}
     for name in plan.stages:
         stage = recipe.stage(name)
-        gt = examples[name]["video"].movedim(1, -1).numpy()  # (N, T, H, W, 3) uint8 as decoded
+        gt = examples[name]["video"][first:end].movedim(1, -1).numpy()  # (N, T, H, W, 3) uint8 as decoded
         ground_truth[name] = metrics.score(stage, gt, captions, reference=True)
     samples_dir = out / "samples"
     for stage, mode, setting in tqdm(jobs, desc="eval: stages x settings", disable=not progress):
@@ -323,10 +372,10 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
         if mode == "text":
             inputs = [None] * len(batches)
         elif mode == "gt":
-            cond = examples[stage.name]["cond"].float() / 127.5 - 1.0
-            inputs = [cond[a:b] for a, b in batches]
+            cond = examples[stage.name]["cond"][first:end].float() / 127.5 - 1.0
+            inputs = [cond[a:b] for a, b in local]
         else:
-            inputs = [default_outputs[names[index - 1]][a:b] for a, b in batches]
+            inputs = [default_outputs[names[index - 1]][a:b] for a, b in local]
         default = default_setting(stage, fixed_steps(stage.name))
         if mode == "cascade" and {k: v for k, v in setting.items() if k != "axes"} == default:
             video, cost = default_outputs[stage.name], default_costs[stage.name]  # same noise: the same samples
@@ -338,22 +387,27 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
         if metrics.fvd_reason(stage):
             row["fvd_skipped"] = metrics.fvd_reason(stage)
         if set(setting["axes"]) == set(AXES):  # keep the recipe setting's first samples for a look
-            for i in range(min(2, len(videos))):
-                write_video(samples_dir / f"{stage.name}_{mode}_{i}.gif", videos[i], stage.fps)
+            shown = distributed.gather({first + i: videos[i] for i in range(min(2 - first, len(videos)))}, ranks)
+            for i, frames in sorted({i: v for part in shown or [] for i, v in part.items()}.items()):
+                write_video(samples_dir / f"{stage.name}_{mode}_{i}.gif", frames, stage.fps)
         rows.append(row)
 
+    if not ranks.is_zero:
+        distributed.barrier(ranks)  # until rank 0 has written the report
+        return None
     report = dict(
         recipe=recipe.name, checkpoints=str(checkpoints), data=dict(folder=str(folder), what=what,
                                                                    videos=plan.num_videos,
                                                                    skipped=examples[plan.stages[0]]["skipped"]),
         plan=asdict(plan), metrics=metrics.describe(),
         weights={n: cascade.stages[n].info.summary() for n in needed}, ground_truth=ground_truth, rows=rows,
-        seconds=time.perf_counter() - started)
+        ranks=ranks.world, seconds=time.perf_counter() - started)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     (out / "eval.md").write_text(markdown(report))
     report["plots"] = [str(p) for p in plot(report, out)]
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     _log_wandb(recipe, report, out)
+    distributed.barrier(ranks)
     return report
 
 
@@ -510,6 +564,8 @@ def eval_command(args) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if report is None:  # not rank 0: rank 0 writes and prints
+        return 0
     print((out / "eval.md").read_text())
     print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and {len(report['plots'])} plots "
           f"({report['seconds']:.0f} s)")

@@ -86,25 +86,36 @@ class FeatureStats:
         return (m2 + m2.T) / 2
 
     def all_reduce(self) -> FeatureStats:
-        """Combine the statistics of every process (in place) when torch.distributed is initialised.
+        """Combine the statistics of every process (in place) when torch.distributed is initialised; every rank
+        must call it (also one with no features), and all end with the same values.
 
-        Each rank's (count, mean, M2) is gathered and merged in rank order, so all ranks end with identical values.
-        """
+        Three float64 all-reduces, no features and no pickles: the dimension (max), then the count and the sum of
+        the features (sum), which give the global mean m, then sum over ranks of M2_r + n_r (m_r - m)(m_r - m)^T
+        (sum), the exact M2 of the union (Chan et al. 1979, with every rank's mean taken against m)."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (self.count, self.num_features, self._mean, self._m2))
-        merged = FeatureStats(self.num_features)
-        for count, num_features, mean, m2 in parts:
-            if count:
-                merged._combine(count, mean, m2)
-            elif merged.num_features is None:
-                merged.num_features = num_features
-        self.count, self.num_features, self._mean, self._m2 = (
-            merged.count, merged.num_features, merged._mean, merged._m2,
-        )
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        dim = torch.tensor([float(self.num_features or 0)], dtype=torch.float64, device=device)
+        dist.all_reduce(dim, op=dist.ReduceOp.MAX)
+        dim = int(dim.item())
+        if dim == 0:
+            return self  # no rank has any features
+        if self.num_features not in (None, dim):
+            raise ValueError(f"feature dimension {self.num_features} does not match another rank's {dim}")
+        mean = self._mean if self.count else np.zeros(dim)
+        sums = torch.from_numpy(np.concatenate([[float(self.count)], mean * self.count])).to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu().numpy()
+        count = int(round(sums[0]))
+        total_mean = sums[1:] / max(count, 1)
+        delta = mean - total_mean
+        m2 = (self._m2 if self.count else np.zeros((dim, dim))) + np.outer(delta, delta) * self.count
+        m2 = torch.from_numpy(m2).to(device)
+        dist.all_reduce(m2)
+        self.num_features, self.count = dim, count
+        self._mean, self._m2 = (total_mean, m2.cpu().numpy()) if count else (None, None)
         return self
 
     def save(self, path: str | os.PathLike, protocol: dict[str, Any]) -> None:
