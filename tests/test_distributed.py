@@ -96,3 +96,23 @@ def test_three_gloo_ranks_merge_statistics_like_one_process(tmp_path):
             assert [g["items"] for g in gathered] == [list(range(7)), [], list(range(7, 11))]
         else:
             assert gathered is None
+
+
+def test_slurm_eval_node_asks_for_the_gpus_its_ranks_use(tmp_path):
+    """One task (rank) per GPU of the last stage's node; `srun` starts them, `cascade.distributed` joins them."""
+    from pathlib import Path
+
+    from cascade.launch.graph import job_graph
+    from cascade.launch.slurm import resources
+    from cascade.recipe import load_recipe
+
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    recipe = load_recipe(recipes / "imagen-video.yaml", [f"run_dir={tmp_path}"])
+    nodes = {n.name: n for n in job_graph(recipe)}
+    res = resources(recipe, nodes["eval/distilled"])
+    gpus = recipe.stages[-1].launch.gpus_per_node
+    assert (res.nodes, res.tasks_per_node, res.gpus_per_node) == (1, gpus, gpus)
+    cpu = load_recipe(recipes / "tiny.yaml", [f"run_dir={tmp_path}", "stages.ssr3.launch.accelerator=cpu",
+                                                   "stages.base.launch.accelerator=cpu"])
+    res = resources(cpu, {n.name: n for n in job_graph(cpu)}["eval/teachers"])
+    assert (res.tasks_per_node, res.gpus_per_node) == (1, 0)

@@ -51,13 +51,17 @@ class Resources:
 
 
 def resources(recipe: Recipe, node: Node) -> Resources:
-    """Training and distillation take their stage's launch section (one task per device). The other nodes are one
-    task: the base stage's CPUs and time limit, and one GPU for the embedding cache, evaluation and the report
-    unless the base stage trains on CPU."""
+    """Training and distillation take their stage's launch section (one task per device). Evaluation takes one node
+    of the last stage's GPUs, one task per GPU (each task one rank of `cascade eval`, `cascade.distributed`). The
+    other nodes are one task: the base stage's CPUs and time limit, and one GPU for the embedding cache and the
+    report unless the base stage trains on CPU."""
     if node.stage is not None:
         launch = recipe.stage(node.stage).launch
         gpus = 0 if launch.accelerator == "cpu" else launch.gpus_per_node
         return Resources(launch.nodes, launch.gpus_per_node, launch.cpus_per_task, gpus, launch.time)
+    if node.name.startswith("eval/") and recipe.stages[-1].launch.accelerator != "cpu":
+        last = recipe.stages[-1].launch
+        return Resources(1, last.gpus_per_node, last.cpus_per_task, last.gpus_per_node, recipe.stages[0].launch.time)
     base = recipe.stages[0].launch
     gpu = node.name != "data" and base.accelerator != "cpu"
     return Resources(1, 1, base.cpus_per_task, 1 if gpu else 0, base.time)
