@@ -241,3 +241,33 @@ def test_activation_checkpointing_composes_with_sharding(prepared, tmp_path, run
     b = _checkpoint_tensors(folder / "checkpoints" / "last.ckpt")
     differ = [k for k in a if k.startswith("state_dict.") and not torch.equal(a[k], b[k])]
     assert not differ, differ[:5]
+
+
+@pytest.mark.slow
+def test_sharded_distillation_matches_ddp(prepared, tmp_path, runs):
+    """Every distillation round of the tiny base (guidance, then two progressive halvings; two steps each) on two
+    ranks, sharded and DDP, from the sharded run's checkpoint folder as the teacher: the same student (fp32, up to
+    reduction order) gathered into one file."""
+    from safetensors.torch import load_file
+
+    script = Path(sys.executable).with_name("cascade")
+    cli = [str(script)] if script.is_file() else [sys.executable, "-m", "cascade.cli"]
+    teacher = runs("fsdp") / "checkpoints" / "last.ckpt"
+    students = {}
+    for strategy in ("fsdp", "ddp"):
+        overrides = _overrides(prepared, tmp_path / strategy, strategy, (
+            "stages.base.distill.guidance.max_steps=2", "stages.base.distill.progressive.steps_per_round=2"))
+        _run([*cli, "distill", str(TINY), "--stage", "base", "--teacher", str(teacher), *overrides],
+             tmp_path / f"{strategy}.log")
+        students[strategy] = load_file(str(tmp_path / strategy / "distilled" / "base.safetensors"))
+        rounds = sorted((tmp_path / strategy / "base" / "distill").glob("*/checkpoints/last.ckpt"))
+        assert len(rounds) == 3 and all(r.is_dir() == (strategy == "fsdp") for r in rounds), rounds  # sharded
+    a, b = students["fsdp"], students["ddp"]
+    assert a.keys() == b.keys() and any(k.startswith("guidance_emb.") for k in a)
+    from cascade.lit.train import ema_weights
+
+    start = ema_weights(teacher)[0]
+    assert any(not torch.equal(a[k], start[k]) for k in start), "the student did not train"
+    worst = max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)).item() for k in a)
+    print(f"largest relative difference of a student tensor, sharded vs DDP: {worst:.2e}")
+    assert worst < 1e-4
