@@ -21,6 +21,21 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from cascade.plan import plan_command
+
+    return plan_command(args)
+
+
+def add_plan_arguments(p) -> None:
+    """The GPU the plan is made for (`cascade plan`, `cascade slurm submit`)."""
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: each stage's launch.gpus_per_node); "
+                   "the world size is launch.nodes times this")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="memory per GPU (default 80)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for the step time (default 0.4)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (default 989: H100)")
+
+
 def cmd_schema(args) -> int:
     from cascade.recipe.schema import Recipe
 
@@ -236,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.base.train.lr=3e-4")
     p.add_argument("--json", action="store_true", help="print the stages as JSON")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="per-stage GPU memory per rank, FLOPs, step time and GPU-hours of training, "
+                       "from one fake-tensor training step (nothing is allocated); exits 1 if a stage does not fit")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.base.train.batch_size=1")
+    add_plan_arguments(p)
+    p.add_argument("--stages", help="comma-separated stages to plan (default: all)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("schema", help="print (or write) the recipe JSON schema for editors")
     p.add_argument("--out", type=Path)
