@@ -202,7 +202,7 @@ class Cascade:
     def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """T5 embeddings (B, L, D) float32 and mask (B, L) bool, on the cascade's device."""
         if self.encoder is None:
-            raise ValueError("this cascade was loaded without its text encoder (text_encoder=False)")
+            raise ValueError("this cascade has no text encoder (loaded with text_encoder=False, or released)")
         text, mask = self.encoder.encode(list(prompts))
         return text.to(self.device), mask.to(self.device)
 
