@@ -217,7 +217,11 @@ def add_slurm_parsers(sub) -> None:
                    "stages.base.launch.nodes=2 cluster.partition=gpu")
     p.add_argument("--stages", help="comma-separated stages to train and distill (default: all, then eval + report)")
     p.add_argument("--embed-parts", type=int, default=1, help="slices of the embedding cache (an array job)")
-    p.add_argument("--dry-run", action="store_true", help="print the scripts and the graph, submit nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the scripts and the graph, submit nothing (no "
+                   "memory plan: `cascade plan` prints it)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="memory per GPU that every stage "
+                   "to train must fit, by `cascade plan` (default 80)")
+    p.add_argument("--force", action="store_true", help="submit stages that do not fit --gpu-memory anyway")
     p.set_defaults(func=_lazy("cascade.launch.slurm", "submit_command"))
 
     p = slurm.add_parser("status", help="each node of a submitted graph: job id, state, outputs, starts")

@@ -1,10 +1,11 @@
 """A memory and compute plan of every stage's training, before any job is submitted (`cascade plan`).
 
 Nothing is allocated: each stage's network is built under `FakeTensorMode` and one real training step (the loss of
-`cascade.diffusion`, backward, AdamW and the EMA update, in the recipe's precision) runs on fake tensors at the
-recipe's micro-batch and training crop. A dispatch mode records every tensor storage the step creates and when it
+`cascade.diffusion` and backward, in the recipe's precision) runs on fake tensors at the recipe's micro-batch and
+training crop. A dispatch mode records every tensor storage the step creates and when it
 dies, which gives the peak of live bytes; `FlopCounterMode` counts the FLOPs. Per-rank state (weights, gradients,
-AdamW, EMA) follows from the parameter count and the stage's strategy:
+AdamW, EMA) follows from the parameter count and the stage's strategy; clipping, AdamW and the EMA update run after
+backward and add temporaries of `OPTIMIZER_TRANSIENT` times the local fp32 weights:
 
 - ddp: every rank holds fp32 weights (4 B/param), fp32 gradients plus DDP's gradient buckets (assumed a full second
   copy, the worst case without `gradient_as_bucket_view`: 8 B/param), AdamW's two moments (8 B) and the EMA (4 B).
@@ -21,17 +22,17 @@ fragmentation) are added before the total is compared with the GPU's memory.
 from __future__ import annotations
 
 import json
-import math
+import sys
 import weakref
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from cascade.recipe.schema import Recipe, Stage
@@ -381,7 +382,7 @@ def plan_command(args) -> int:
         unknown = [s for s in stages if s not in {st.name for st in recipe.stages}]
         if unknown:
             print(f"error: {args.recipe}: no stage {', '.join(unknown)}; the stages are "
-                  f"{', '.join(s.name for s in recipe.stages)}")
+                  f"{', '.join(s.name for s in recipe.stages)}", file=sys.stderr)
             return 2
     rows = plan(recipe, stages, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory, mfu=args.mfu,
                 peak_tflops=args.peak_tflops)

@@ -29,8 +29,8 @@ from cascade.launch.requeue import attempts_path, file_name, read_attempts
 from cascade.recipe import Recipe, load_recipe
 from cascade.recipe.builtin import resolve_recipe_path
 
-__all__ = ["Resources", "resources", "render", "sbatch", "job_state", "submit", "status", "submit_command",
-           "status_command"]
+__all__ = ["Resources", "resources", "render", "sbatch", "job_state", "DoesNotFit", "check_memory", "submit", "status",
+           "submit_command", "status_command"]
 
 TEMPLATE = Path(cascade.__file__).parent / "launch" / "job.sbatch"  # package data (the repository's slurm/job.sbatch)
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
@@ -182,13 +182,41 @@ def _write_jobs(run: Path, jobs: dict) -> None:
     os.replace(tmp, path)
 
 
+class DoesNotFit(ValueError):
+    """A stage's training does not fit its GPUs' memory (`cascade plan`)."""
+
+
+def check_memory(recipe: Recipe, nodes: list[Node], gpu_memory_gib: float, force: bool = False, out=None) -> None:
+    """Plan the stages whose training or distillation is still to run on GPUs (`cascade.plan`); raise DoesNotFit
+    naming every stage that does not fit and its shortfall, or with `force` only print it."""
+    from cascade.plan import plan
+
+    names = list(dict.fromkeys(n.stage for n in nodes if n.stage is not None and not n.complete()
+                               and recipe.stage(n.stage).launch.accelerator != "cpu"))
+    if not names:
+        return
+    short = [r for r in plan(recipe, names, gpu_memory_gib=gpu_memory_gib) if not r.fits]
+    if not short:
+        print(f"plan: {', '.join(names)} fit {gpu_memory_gib:g} GiB per GPU", file=out)
+        return
+    message = "; ".join(f"stage {r.stage} does not fit: {r.total_gib:.1f} GiB per GPU of {r.gpu_memory_gib:g} "
+                        f"({r.shortfall_gib:.1f} GiB short)" for r in short)
+    if not force:
+        raise DoesNotFit(f"{message}; lower its train.batch_size, set unet.checkpointing or launch.strategy=fsdp "
+                         f"(`cascade plan` shows the figures), or pass --force")
+    print(f"warning: {message}; submitting anyway (--force)", file=out)
+
+
 def submit(recipe_path: Path, overrides: list[str], stages: list[str] | None = None, embed_parts: int = 1,
-           dry_run: bool = False, out=None) -> dict:
-    """Render every node's script into RUN/slurm/scripts and submit the incomplete ones with their dependencies.
+           dry_run: bool = False, out=None, gpu_memory_gib: float = 80.0, force: bool = False) -> dict:
+    """Render every node's script into RUN/slurm/scripts and submit the incomplete ones with their dependencies,
+    after checking that each stage to train fits its GPUs (`check_memory`; not for a dry run).
     Returns {node: job id, "complete" or "dry-run"}."""
     out = out or sys.stdout
     recipe = load_recipe(recipe_path, overrides)
     nodes = job_graph(recipe, stages, embed_parts=embed_parts)
+    if not dry_run:
+        check_memory(recipe, nodes, gpu_memory_gib, force=force, out=out)
     run = recipe.run_folder().resolve()
     recipe_path = resolve_recipe_path(recipe_path).resolve()  # a built-in name: the packaged file
     jobs = {} if dry_run else _read_jobs(run)
@@ -262,7 +290,7 @@ def submit_command(args) -> int:
     """`cascade slurm submit RECIPE [OVERRIDES]`."""
     try:
         submit(args.recipe, args.overrides, args.stages.split(",") if args.stages else None,
-               embed_parts=args.embed_parts, dry_run=args.dry_run)
+               embed_parts=args.embed_parts, dry_run=args.dry_run, gpu_memory_gib=args.gpu_memory, force=args.force)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
