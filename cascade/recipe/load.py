@@ -192,6 +192,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         data = merge(base, {k: v for k, v in data.items() if k != "extends"})
         data["extends"] = str(parent_path)
     for text in overrides:
+        if parse_override(text)[0][0] == "extends":  # resolved above, from the file: an override would be ignored
+            raise RecipeError(f"{path} (override {text!r})", [(
+                "extends", "cannot be set on the command line (the file's extends is resolved before overrides); "
+                           "write `extends: FILE` in the recipe, or pass the other recipe as RECIPE")])
         try:
             apply_override(data, *parse_override(text))
         except RecipeError as error:  # name the recipe and the override, not just "command line"

@@ -300,3 +300,13 @@ def test_resolution_shift_of_a_frame_is_that_of_the_square_with_its_pixel_count(
     schedule = build_schedule(recipe.stage("ssr1"))
     assert schedule.shift == pytest.approx(2 * math.log(64 / 16))  # sqrt(32 * 8) = 16
     assert float(schedule(torch.tensor(0.5))) == pytest.approx(2 * math.log(64 / 16), abs=1e-6)
+
+
+def test_extends_on_the_command_line_is_refused(tmp_path):
+    """`extends=other.yaml` as an override would be ignored (extends is resolved from the file first): refused."""
+    from cascade.recipe import RecipeError, load_recipe
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
+    with pytest.raises(RecipeError) as error:
+        load_recipe(recipe, ["extends=other.yaml"])
+    assert "extends" in str(error.value) and "command line" in str(error.value)
