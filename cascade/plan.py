@@ -219,17 +219,13 @@ class StepMeasure:
     flops: int  # forward and backward (recomputation included when checkpointing)
 
 
-def _blocks(net: nn.Module) -> list[nn.Module]:
-    from cascade.nn.blocks import SpaceTimeBlock
-
-    return [m for m in net.modules() if isinstance(m, SpaceTimeBlock)]
-
-
 def measure_step(net: nn.Module, stage: Stage, recipe: Recipe, batch_size: int, precision: str) -> StepMeasure:
     """Run one forward and backward of `net` (real or fake tensors; the tensors it creates are what is measured)."""
     batch = synthetic_batch(stage, recipe, batch_size, next(net.parameters()).device)
     params = list(net.parameters())
-    blocks = _blocks(net)
+    from cascade.lit.sharding import unet_blocks
+
+    blocks = list(unet_blocks(net))  # the units fully_shard gathers one at a time
     block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks] or [0]
     tracker = StepRecorder()
     net.train()
