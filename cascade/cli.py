@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from cascade.errors import UserError, describe_os_error
 from cascade.recipe import RecipeError, load_recipe
 
 
@@ -373,6 +374,15 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.code
+    except OSError as error:
+        message = describe_os_error(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
