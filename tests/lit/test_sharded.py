@@ -236,6 +236,11 @@ def test_activation_checkpointing_composes_with_sharding(prepared, tmp_path, run
          tmp_path / "train.log")
     folder = tmp_path / "runs" / "base"
     for rank in range(2):
+        name = "train_steps.jsonl" if rank == 0 else f"train_steps.rank{rank}.jsonl"
+        got, ref = _journal(folder / name), _journal(reference / name)
+        differ = [(key, got[key]["keys"], got[key]["loss"], ref[key]["keys"], ref[key]["loss"])
+                  for key in sorted(ref) if (got[key]["keys"], got[key]["loss"]) != (ref[key]["keys"], ref[key]["loss"])]
+        assert not differ, f"rank {rank}: (step, micro), keys and loss with checkpointing, then without: {differ}"
         assert _losses(folder, rank) == _losses(reference, rank), f"rank {rank}"
     a = _checkpoint_tensors(reference / "checkpoints" / "last.ckpt")
     b = _checkpoint_tensors(folder / "checkpoints" / "last.ckpt")
