@@ -30,12 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cascade.errors import UserError
 from cascade.recipe import Recipe, RecipeError, load_recipe
 from cascade.recipe.schema import Stage
 
-__all__ = ["EvalPlan", "evaluate", "eval_command", "settings_grid", "eval_folder", "load_examples"]
+__all__ = ["EvalPlan", "evaluate", "eval_command", "settings_grid", "eval_folder", "load_examples", "check_metrics"]
 
 AXES = ("steps", "guidance", "aug")
+METRICS = ("fvd", "clipsim", "probes")
+MODES = ("gt", "cascade")
 
 
 @dataclass
@@ -63,10 +66,54 @@ class EvalPlan:
         unknown = [s for s in plan.stages if s not in names]
         if unknown:
             raise ValueError(f"--stages: no stage named {', '.join(unknown)}; stages are {', '.join(names)}")
-        bad_modes = [m for m in plan.modes if m not in ("gt", "cascade")]
+        modes = [m for mode in plan.modes for m in (MODES if mode == "both" else [mode])]  # both = gt, cascade
+        plan.modes = list(dict.fromkeys(modes))
+        bad_modes = [m for m in plan.modes if m not in MODES]
         if bad_modes:
-            raise ValueError(f"--modes: {', '.join(bad_modes)} unknown; modes are gt, cascade")
+            raise ValueError(f"--modes: {', '.join(bad_modes)} unknown; modes are gt, cascade or both")
+        unknown = [m for m in plan.metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"--metrics: {', '.join(unknown)} unknown; metrics are {', '.join(METRICS)}")
         return plan
+
+
+def check_metrics(recipe: Recipe, plan: EvalPlan) -> None:
+    """Fail before any work (UserError naming the metric and what is missing) when a requested metric cannot be
+    computed: no metric asked for, CLIPSIM without a CLIP folder, FVD without the I3D weights or without a stage
+    long enough for the protocol, the probes on real data."""
+    if not plan.metrics:
+        raise UserError("no metric to compute: eval.metrics (or --metrics) is empty; ask for fvd, clipsim or probes")
+    source = "--metrics or eval.metrics"
+    if "clipsim" in plan.metrics:
+        path = recipe.eval.clip_path
+        if path is None:
+            raise UserError(f"clipsim cannot be computed: eval.clip_path is not set (a local CLIP folder, e.g. "
+                            f"eval.clip_path=models/clip-vit-base-patch32); set it or leave clipsim out of {source}")
+        if not (Path(path) / "config.json").is_file():
+            what = "does not exist" if not Path(path).exists() else "has no config.json (not a CLIP folder)"
+            raise UserError(f"clipsim cannot be computed: eval.clip_path {path} {what}")
+    if "fvd" in plan.metrics:
+        from cascade.eval.i3d import find_i3d_weights
+
+        if recipe.eval.frames < 9:
+            raise UserError(f"fvd cannot be computed: eval.frames is {recipe.eval.frames}, the I3D protocol needs at "
+                            f"least 9 frames (canonical: 16); set eval.frames or leave fvd out of {source}")
+        if plan.num_videos < 2:
+            raise UserError(f"fvd cannot be computed from {plan.num_videos} video: its covariance needs at least 2 "
+                            f"(--num-videos or eval.num_videos)")
+        frames = {name: recipe.stage(name).frames for name in plan.stages}
+        if all(n < recipe.eval.frames for n in frames.values()):
+            have = ", ".join(f"{name} {n}" for name, n in frames.items())
+            raise UserError(f"fvd cannot be computed: the I3D protocol takes eval.frames = {recipe.eval.frames} "
+                            f"frames and no evaluated stage has that many ({have}); evaluate a longer stage "
+                            f"(--stages) or leave fvd out of {source}")
+        try:
+            find_i3d_weights()
+        except FileNotFoundError as error:
+            raise UserError(f"fvd cannot be computed: {error}") from None
+    if "probes" in plan.metrics and recipe.data.kind != "synthetic" and recipe.eval.data is None:
+        raise UserError(f"probes cannot be computed: they read the synthetic dataset's scenes and this recipe "
+                        f"trains on real data (data.kind {recipe.data.kind}); leave probes out of {source}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -175,8 +222,7 @@ def load_examples(folder: Path, spec, count: int) -> dict:
 # Metrics
 # --------------------------------------------------------------------------------------------------------------
 class Metrics:
-    """The requested metrics on `ranks`' device; a metric that cannot run here says why once and is reported as
-    skipped. Each rank scores its own videos and the scores merge across ranks: FVD statistics by all-reduce
+    """The requested metrics on `ranks`' device (`check_metrics` has made sure each can run). Each rank scores its own videos and the scores merge across ranks: FVD statistics by all-reduce
     (`FeatureStats.all_reduce`), probe hits and CLIPSIM cosines as sums and counts; FVD itself is taken on rank 0,
     against reference statistics that rank 0 computes and caches."""
 
@@ -185,29 +231,20 @@ class Metrics:
 
         self.recipe, self.plan, self.folder, self.cache = recipe, plan, folder, cache
         self.ranks = ranks or Ranks()
-        self.skipped: dict[str, str] = {}
         self._i3d = self._clip = None
         self._references: dict[str, object] = {}
-        if "probes" in plan.metrics and recipe.data.kind != "synthetic" and recipe.eval.data is None:
-            self.skipped["probes"] = "the probes read the synthetic dataset's scenes; this recipe trains on real data"
         if "fvd" in plan.metrics:
-            try:
-                from cascade.eval.fvd import FVDProtocol, I3DFeatures
+            from cascade.eval.fvd import FVDProtocol, I3DFeatures
 
-                self.protocol = FVDProtocol(frames=recipe.eval.frames)
-                self._i3d = I3DFeatures(self.protocol, batch_size=plan.batch_size, device=self.ranks.device)
-            except (FileNotFoundError, ValueError) as error:
-                self.skipped["fvd"] = str(error)
+            self.protocol = FVDProtocol(frames=recipe.eval.frames)
+            self._i3d = I3DFeatures(self.protocol, batch_size=plan.batch_size, device=self.ranks.device)
         if "clipsim" in plan.metrics:
-            if recipe.eval.clip_path is None:
-                self.skipped["clipsim"] = "eval.clip_path is not set (a local CLIP folder)"
-            else:
-                from cascade.eval.clipsim import CLIPSim
+            from cascade.eval.clipsim import CLIPSim
 
-                self._clip = CLIPSim(recipe.eval.clip_path, device=self.ranks.device)
+            self._clip = CLIPSim(recipe.eval.clip_path, device=self.ranks.device)
 
     def wants(self, name: str) -> bool:
-        return name in self.plan.metrics and name not in self.skipped
+        return name in self.plan.metrics
 
     def fvd_reason(self, stage: Stage) -> str | None:
         if not self.wants("fvd"):
@@ -265,7 +302,7 @@ class Metrics:
         return out
 
     def describe(self) -> dict:
-        info: dict = dict(requested=self.plan.metrics, skipped=self.skipped)
+        info: dict = dict(requested=self.plan.metrics)
         if self._i3d is not None:
             info["fvd_protocol"] = asdict(self.protocol)
         if self._clip is not None:
@@ -292,6 +329,7 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
     from cascade.inference import Cascade
     from cascade.recipe.build import clip_spec
 
+    check_metrics(recipe, plan)  # before any weights are loaded or videos sampled
     started = time.perf_counter()
     ranks = distributed.init(device)
     progress = progress and ranks.is_zero
@@ -308,9 +346,6 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
     if not ranks.is_zero:
         folder, what = eval_folder(recipe, plan.num_videos)
     metrics = Metrics(recipe, plan, folder, out / "cache", ranks)
-    for name, reason in metrics.skipped.items():
-        if ranks.is_zero:
-            print(f"note: {name} skipped: {reason}", file=sys.stderr)
     # This rank's whole batches of the one-process run: videos [first, end), in the batches they have in one process.
     batches = distributed.share([(a, min(a + plan.batch_size, plan.num_videos))
                                  for a in range(0, plan.num_videos, plan.batch_size)], ranks)
@@ -408,7 +443,17 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     _log_wandb(recipe, report, out)
     distributed.barrier(ranks)
+    missing = [m for m in plan.metrics if not any(_has_metric(row, m) for row in rows)]
+    if missing:  # check_metrics should have caught it: never report success without the metric asked for
+        raise UserError(f"{', '.join(missing)} not computed for any stage or setting (see {out / 'eval.md'})", code=1)
     return report
+
+
+def _has_metric(row: dict, name: str) -> bool:
+    value = row.get(name)
+    if name == "probes":
+        return isinstance(value, dict) and any(v is not None for v in value.values())
+    return value is not None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -444,32 +489,54 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table whose every row has the header's cells (a short row is padded with "–", a long one is a
+    bug). Without rows or columns: no table."""
+    if not header or not rows:
+        return []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for cells in rows:
+        if len(cells) > len(header):
+            raise ValueError(f"a table row has {len(cells)} cells, the header {len(header)}")
+        lines.append("| " + " | ".join([*cells, *["–"] * (len(header) - len(cells))]) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     columns = metric_columns(report)
     lines = [f"# Evaluation of `{report['recipe']}`", "",
              f"Weights: `{report['checkpoints']}`. Data: {report['data']['what']} (`{report['data']['folder']}`), "
              f"{report['data']['videos']} videos. Sweeps vary one axis at a time around the recipe's settings.", ""]
-    for name, reason in report["metrics"]["skipped"].items():
+    for name, reason in report["metrics"].get("skipped", {}).items():  # eval.json of earlier versions
         lines.append(f"- {name} not computed: {reason}")
+    computed = {key.split(".")[0] for _, key in columns}
+    for name in report["metrics"].get("requested", []):
+        if name not in computed:
+            lines.append(f"- {name}: not computed for any row")
     if "fvd_protocol" in report["metrics"]:
         p = report["metrics"]["fvd_protocol"]
         lines.append(f"- FVD: I3D Kinetics-400 (TF-Hub weights), {p['frames']} frames from frame {p['offset']}, "
                      f"{p['resize']} resize to {p['resolution']}; against the ground truth at each stage's size.")
+        without = {r["stage"]: r["fvd_skipped"] for r in report["rows"] if r.get("fvd_skipped")}
+        for stage, reason in without.items():
+            lines.append(f"- FVD not computed for {stage}: {reason}.")
     if "clip_model" in report["metrics"]:
         lines.append(f"- CLIPSIM: `{report['metrics']['clip_model']}`, mean over frames of the caption-frame cosine.")
     lines += ["", "## Ground truth (the ceiling of each metric)", ""]
-    gt_columns = [c for c in columns if c[1] != "fvd"]
-    lines.append("| stage | " + " | ".join(c[0] for c in gt_columns) + " |")
-    lines.append("|---|" + "---|" * len(gt_columns))
-    for name, scores in report["ground_truth"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(_get(scores, c[1])) for c in gt_columns) + " |")
-    lines += ["", "## Samples", "", "| stage | input | steps | guidance | aug log-SNR | NFE/video | s | "
-              + " | ".join(c[0] for c in columns) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(columns)]
+    gt_columns = [c for c in columns if c[1] != "fvd"]  # FVD compares samples with the ground truth
+    gt_table = table(["stage", *(c[0] for c in gt_columns)] if gt_columns else [],
+                     [[name, *(_fmt(_get(scores, c[1])) for c in gt_columns)]
+                      for name, scores in report["ground_truth"].items()])
+    lines += gt_table or ["No metric scores the ground truth alone (FVD compares the samples with it)."]
+    rows = []
     for row in report["rows"]:
         guidance = _fmt(row["guidance"]) if row["oscillate"] is None else "osc({}, {})".format(*row["oscillate"])
-        lines.append(f"| {row['stage']}{' (distilled)' if row['distilled'] else ''} | {row['mode']} | {row['steps']} "
-                     f"| {guidance} | {_fmt(row['aug'])} | {row['nfe_per_video']} | {row['seconds']:.1f} | "
-                     + " | ".join(_fmt(_get(row, c[1])) for c in columns) + " |")
+        rows.append([f"{row['stage']}{' (distilled)' if row['distilled'] else ''}", row["mode"], str(row["steps"]),
+                     guidance, _fmt(row["aug"]), str(row["nfe_per_video"]), f"{row['seconds']:.1f}",
+                     *(_fmt(_get(row, c[1])) for c in columns)])
+    lines += ["", "## Samples", ""]
+    lines += table(["stage", "input", "steps", "guidance", "aug log-SNR", "NFE/video", "s", *(c[0] for c in columns)],
+                   rows) or ["No samples."]
     return "\n".join(lines) + "\n"
 
 
@@ -542,6 +609,11 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated option's names (None when not given: the recipe's)."""
+    return [v.strip() for v in text.split(",") if v.strip()] if text else None
+
+
 def eval_command(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     try:
@@ -550,13 +622,8 @@ def eval_command(args) -> int:
             steps=[int(v) for v in _floats(args.steps)] if args.steps is not None else None,
             guidance=_floats(args.guidance) if args.guidance is not None else None,
             aug=_floats(args.aug) if args.aug is not None else None,
-            metrics=args.metrics.split(",") if args.metrics else None,
-            stages=args.stages.split(",") if args.stages else None,
-            modes=args.modes.split(",") if args.modes else None,
+            metrics=_names(args.metrics), stages=_names(args.stages), modes=_names(args.modes),
             batch_size=args.batch_size, seed=args.seed)
-        unknown = [m for m in plan.metrics if m not in ("fvd", "clipsim", "probes")]
-        if unknown:
-            raise ValueError(f"--metrics: {', '.join(unknown)} unknown; metrics are fvd, clipsim, probes")
         out = args.out or recipe.run_folder() / "eval" / args.checkpoints.name
         report = evaluate(recipe, args.checkpoints, out, plan, device=args.device, dtype=args.dtype)
     except (FileNotFoundError, ValueError) as error:

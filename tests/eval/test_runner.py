@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from cascade.cli import main
-from cascade.eval.runner import AXES, EvalPlan, eval_folder, load_examples, settings_grid
+from cascade.eval.runner import AXES, EvalPlan, eval_folder, load_examples, markdown, settings_grid
 from cascade.recipe import load_recipe
 from cascade.recipe.build import build_unet, clip_spec
 
@@ -37,6 +37,68 @@ def test_plan_rejects_unknown_stages_and_modes():
         EvalPlan.from_recipe(recipe, stages=["base", "nope"])
     with pytest.raises(ValueError, match="modes"):
         EvalPlan.from_recipe(recipe, modes=["gt", "sideways"])
+    with pytest.raises(ValueError, match="fid unknown"):
+        EvalPlan.from_recipe(recipe, metrics=["probes", "fid"])
+
+
+def test_modes_both_means_ground_truth_and_generated_inputs():
+    recipe = load_recipe(TINY)
+    assert EvalPlan.from_recipe(recipe, modes=["both"]).modes == ["gt", "cascade"]
+    assert EvalPlan.from_recipe(recipe, modes=["cascade", "both"]).modes == ["cascade", "gt"]
+    help_text = " ".join(next(a.help for a in _subparser("eval")._actions if a.dest == "modes").split())
+    assert "both (= gt,cascade)" in help_text  # what the help offers is what the plan accepts
+
+
+def _subparser(name: str):
+    import argparse
+
+    from cascade.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
+@pytest.mark.parametrize("overrides, options, cause", [
+    ([], ["--metrics", "clipsim"], "clipsim cannot be computed: eval.clip_path is not set"),
+    (["eval.clip_path={tmp}/no-clip"], ["--metrics", "clipsim"], "no-clip does not exist"),
+    ([], ["--metrics", "fvd", "--stages", "base,tsr1"], "no evaluated stage has that many (base 4, tsr1 8)"),
+    (["eval.frames=8"], ["--metrics", "fvd", "--stages", "tsr2"], "eval.frames"),
+    ([], ["--metrics", "fvd", "--num-videos", "1", "--stages", "tsr2"], "covariance needs at least 2"),
+    (["data.kind=shards", "data.shards={tmp}/shards"], ["--metrics", "probes"], "probes cannot be computed"),
+])
+def test_eval_refuses_to_succeed_without_the_metric_asked_for(random_cascade, tiny_t5, tmp_path, capsys, overrides,
+                                                              options, cause):
+    """A metric that cannot be computed stops `cascade eval` before any sampling: exit 2, the cause named on one
+    line, nothing written (it used to exit 0 with an empty table)."""
+    out = tmp_path / "eval"
+    args = ["eval", str(TINY), "--checkpoints", str(random_cascade / "weights"), "--out", str(out),
+            f"text_encoder.path={tiny_t5}", f"data.root={tmp_path / 'data'}",
+            *[o.format(tmp=tmp_path) for o in overrides], *options]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert cause in err
+    assert not out.exists() and not (tmp_path / "data-heldout").exists()  # refused before any work
+
+
+def test_eval_md_tables_stay_aligned_without_metric_columns():
+    """A report whose rows hold no metric value renders aligned tables (no empty header cells) and says which
+    requested metric is missing."""
+    row = dict(stage="tsr1", kind="tsr", mode="gt", steps=4, guidance=1.0, oscillate=None, aug=None, axes=list(AXES),
+               nfe_per_video=8, seconds=0.5, distilled=False, fvd_skipped="8 frames, the I3D protocol takes 16")
+    report = dict(recipe="tiny", checkpoints="w", data=dict(what="held-out", folder="d", videos=2),
+                  metrics=dict(requested=["fvd"], fvd_protocol=dict(frames=16, offset=0, resize="tf1-bilinear",
+                                                                    resolution=224)),
+                  ground_truth={"tsr1": {}}, rows=[row])
+    text = markdown(report)
+    tables = [line for line in text.splitlines() if line.startswith("|")]
+    assert tables and len({line.count("|") for line in tables}) == 1  # every row has the header's cells
+    assert "|  |" not in text and "fvd: not computed for any row" in text
+    assert "FVD not computed for tsr1: 8 frames" in text and "No metric scores the ground truth alone" in text
+    with_probes = dict(report, rows=[dict(row, probes=dict(color=1.0, shape=None, direction=0.5, background=None))],
+                       ground_truth={"tsr1": dict(probes=dict(color=1.0, direction=1.0))})
+    tables = [line for line in markdown(with_probes).splitlines() if line.startswith("|")]
+    assert {line.count("|") for line in tables} == {4, 10}  # ground truth: stage + 2 probes; samples: 7 + 2
 
 
 def test_eval_folder_is_a_held_out_split_and_examples_match_the_stage(tmp_path):
@@ -74,7 +136,7 @@ def random_cascade(tmp_path_factory, tiny_t5):
 def test_cascade_eval_writes_json_table_and_plots(random_cascade, tiny_t5, tmp_path):
     out = tmp_path / "eval"
     args = ["eval", str(TINY), "--checkpoints", str(random_cascade / "weights"), "--num-videos", "2",
-            "--steps", "2,4", "--guidance", "0,2", "--aug", "3", "--batch-size", "2", "--metrics", "probes", "--modes", "gt,cascade",
+            "--steps", "2,4", "--guidance", "0,2", "--aug", "3", "--batch-size", "2", "--metrics", "probes", "--modes", "both",
             "--stages", "base,tsr1,ssr1", "--out", str(out), f"text_encoder.path={tiny_t5}",
             f"data.root={tmp_path / 'data'}"] + [f"stages.{s}.sampler.steps=4" for s in ("base", "tsr1", "ssr1")]
     assert main(args) == 0
