@@ -9,7 +9,14 @@ cannot be restored; its shard format and writer are kept). Every random choice o
 whether a still is used) is seeded by (seed, epoch, shard, sample), so it does not depend on which worker reads it.
 
 Bad data never stops a run: a sample that fails is skipped, counted per reason and logged with its key; only an
-error budget (more than `max_bad_fraction` bad samples among the last `window`) stops it, loudly, with the counts.
+error budget stops it, loudly, with the counts. The budget is judged from the first sample on: over `span` samples
+(the window, or a worker role's share of one epoch when that is shorter) at most `max_bad_fraction` may be bad, so
+the run stops as soon as the bad ones seen outnumber what `span` allows, and from `span` samples on when more than
+that fraction of the last `window` were bad. Tar members whose names are absolute or climb out (`../x`) are never
+read: they are skipped and counted as `unsafe_member_name`.
+
+Errors a user can act on (`UserError`: the budget, a cache built for another max_tokens) cross from a DataLoader
+worker to the main process as a message, and are raised there: one line, not a worker's traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import tarfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -27,12 +34,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cascade.data.clips import BadSample, ClipSpec, FrameCache, make_example
 from cascade.data.shards import Manifest
+from cascade.errors import UserError
 
 log = logging.getLogger("cascade.data")
 
 
-class DataBudgetExceeded(RuntimeError):
-    """Too many bad samples in a window: the data, not the model, needs attention."""
+class DataBudgetExceeded(UserError):
+    """Too many bad samples: the data, not the model, needs attention (the run stopped: exit status 1)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code=1)
 
 
 @dataclass
@@ -57,10 +68,39 @@ class LoaderConfig:
     decode_cache_bytes: int = 0  # per worker: decoded videos kept for later epochs (0: decode every time)
 
 
-def read_tar_index(path: str | Path) -> tuple[list[tuple[str, dict[str, tarfile.TarInfo]]], str | None]:
-    """Samples of a webdataset tar in file order as (key, {extension: member}); and an error if the tar is cut."""
+@dataclass
+class TarIndex:
+    """A webdataset tar's samples in file order as (key, {extension: member}); `problem`: why the tar ends early
+    (truncated, corrupt or unreadable), None if it was read to the end; `unsafe`: names of the members skipped
+    because they are absolute or climb out of the tar's folder (`../x`, `/etc/x`)."""
+
+    samples: list[tuple[str, dict[str, tarfile.TarInfo]]]
+    problem: str | None = None
+    unsafe: list[str] = field(default_factory=list)
+
+    @property
+    def unsafe_samples(self) -> int:
+        """Samples (distinct keys) among the unsafe members."""
+        return len({split_member_name(name)[0] for name in self.unsafe})
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset's split of a member name: (key, extension); the key runs to the first dot of the file name."""
+    base = name.rsplit("/", 1)[-1]
+    key, _, ext = base.partition(".")
+    return name[: len(name) - len(base)] + key, ext
+
+
+def unsafe_member_name(name: str) -> bool:
+    """Whether a tar member's name is absolute (`/x`, `\\x`, `C:x`) or has a `..` component."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return name.startswith(("/", "\\")) or (name[1:2] == ":" and name[:1].isalpha()) or ".." in parts
+
+
+def scan_tar(path: str | Path) -> TarIndex:
+    """Index a webdataset tar without reading its data: samples (unsafe member names left out), and problems."""
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-    problem = None
+    problem, unsafe = None, []
     try:
         with tarfile.open(path, mode="r:") as tar:
             while True:
@@ -73,13 +113,34 @@ def read_tar_index(path: str | Path) -> tuple[list[tuple[str, dict[str, tarfile.
                     break
                 if not member.isfile():
                     continue
-                name = member.name.rsplit("/", 1)[-1]
-                key, _, ext = name.partition(".")
-                prefix = member.name[: len(member.name) - len(name)]
-                samples.setdefault(prefix + key, {})[ext] = member
+                if unsafe_member_name(member.name):
+                    unsafe.append(member.name)
+                    continue
+                key, ext = split_member_name(member.name)
+                samples.setdefault(key, {})[ext] = member
     except (tarfile.ReadError, OSError) as error:
         problem = f"unreadable tar ({error})"
-    return list(samples.items()), problem
+    return TarIndex(list(samples.items()), problem, unsafe)
+
+
+def read_tar_index(path: str | Path) -> tuple[list[tuple[str, dict[str, tarfile.TarInfo]]], str | None]:
+    """Samples of a webdataset tar in file order as (key, {extension: member}); and an error if the tar is cut.
+    Members with unsafe names are left out (`scan_tar` lists them)."""
+    index = scan_tar(path)
+    return index.samples, index.problem
+
+
+def read_members(path: str | Path, members: dict[str, tarfile.TarInfo]) -> dict[str, bytes]:
+    """{extension: bytes} of one sample's members, read by offset. Raises BadSample for a member cut short."""
+    sample = {}
+    with open(path, "rb") as file:
+        for ext, member in members.items():
+            file.seek(member.offset_data)
+            data = file.read(member.size)
+            if len(data) != member.size:
+                raise BadSample("truncated_member", f"{member.name}: {len(data)} of {member.size} bytes")
+            sample[ext] = data
+    return sample
 
 
 class ShardStream:
@@ -87,7 +148,7 @@ class ShardStream:
 
     def __init__(self, folder: Path, shards: list[str], seed: int, role: int, roles: int) -> None:
         self.folder, self.shards, self.seed, self.role, self.roles = folder, shards, seed, role, roles
-        self._index: dict[int, tuple[list, str | None]] = {}
+        self._index: dict[int, TarIndex] = {}
 
     def plan(self, epoch: int) -> tuple[list[int], int, int]:
         """(shard indices of this role, sample offset, sample stride) for an epoch."""
@@ -96,26 +157,29 @@ class ShardStream:
             return order[self.role::self.roles], 0, 1
         return order, self.role, self.roles
 
-    def index(self, shard: int) -> tuple[list, str | None]:
+    def index(self, shard: int) -> TarIndex:
         if shard not in self._index:
             if len(self._index) >= 4:
                 self._index.pop(next(iter(self._index)))
-            self._index[shard] = read_tar_index(self.folder / self.shards[shard])
+            self._index[shard] = scan_tar(self.folder / self.shards[shard])
         return self._index[shard]
 
     def visiting_order(self, epoch: int, shard: int, count: int, offset: int, stride: int) -> list[int]:
         return np.random.default_rng([self.seed, epoch, shard]).permutation(count)[offset::stride].tolist()
 
     def read(self, shard: int, members: dict[str, tarfile.TarInfo]) -> dict:
-        sample = {}
-        with open(self.folder / self.shards[shard], "rb") as file:
-            for ext, member in members.items():
-                file.seek(member.offset_data)
-                data = file.read(member.size)
-                if len(data) != member.size:
-                    raise BadSample("truncated_member", f"{member.name}: {len(data)} of {member.size} bytes")
-                sample[ext] = data
-        return sample
+        return read_members(self.folder / self.shards[shard], members)
+
+
+@dataclass
+class _RoleState:
+    """What one worker role has done: its position, and the samples it read (good and bad) with the bad ones by
+    reason, for this process's lifetime."""
+
+    role: int
+    position: Position
+    counts: Counter = field(default_factory=Counter)
+    seen: int = 0
 
 
 class StageDataset(IterableDataset):
@@ -151,47 +215,58 @@ class StageDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         role = (worker + self.role_shift) % workers
+        state = _RoleState(role, Position(**asdict(self.start.get(role, Position()))))
+        try:
+            yield from self._batches(state, workers)
+        except UserError as error:  # raised again by StageLoader in the main process: one line, no worker traceback
+            yield self._stats(state, error=error)
+
+    def budget_span(self, roles: int) -> int:
+        """Samples over which the bad-data budget is judged: the window, or one role's expected share of an epoch
+        (samples left out to reach image_fraction do not count) when that is shorter."""
+        total = self.manifest.images + self.manifest.videos
+        kept = (self.manifest.images * self._keep_image + self.manifest.videos * self._keep_video) / total \
+            if total else 1.0
+        return max(1, min(self.config.window, round(self.manifest.samples * kept / roles)))
+
+    def _batches(self, state: _RoleState, workers: int) -> Iterator[dict]:
         roles = workers * self.config.world_size
         stream = ShardStream(self.folder, [s["path"] for s in self.manifest.shards], self.config.seed,
-                             self.config.rank * workers + role, roles)
+                             self.config.rank * workers + state.role, roles)
+        span = self.budget_span(roles)
         encode = self.text_source() if self.text_source is not None else None
         cache = FrameCache(self.config.decode_cache_bytes) if self.config.decode_cache_bytes > 0 else None
-        position = Position(**asdict(self.start.get(role, Position())))
-        counts: Counter = Counter()
         recent: deque = deque(maxlen=self.config.window)
         batch: list[dict] = []
-        reported_cut: set = set()
+        reported: set = set()
         while True:
+            position = state.position
             if self.config.epochs is not None and position.epoch >= self.config.epochs:
                 # The end of a finite pass: the short last batch, or the counts alone when it is empty.
-                yield self._collate(batch, role, position, counts) if batch else dict(
-                    stats_only=True, role=role, position=asdict(position), bad_counts=dict(counts))
+                yield self._collate(batch, state) if batch else self._stats(state)
                 return
             shards, offset, stride = stream.plan(position.epoch)
             if position.shard >= len(shards):
                 if cache is not None:
                     log.info("worker role %d, epoch %d: decode cache holds %d videos (%.0f MiB), %d hits, %d misses",
-                             role, position.epoch, len(cache), cache.bytes / 2**20, cache.hits, cache.misses)
-                position = Position(position.epoch + 1, 0, 0)
+                             state.role, position.epoch, len(cache), cache.bytes / 2**20, cache.hits, cache.misses)
+                state.position = Position(position.epoch + 1, 0, 0)
                 if not shards:
-                    raise ValueError(f"{self.folder}: no shard for worker role {role}")
+                    raise ValueError(f"{self.folder}: no shard for worker role {state.role}")
                 continue
             shard = shards[position.shard]
-            samples, problem = stream.index(shard)
-            if problem and (position.epoch, shard) not in reported_cut:
-                reported_cut.add((position.epoch, shard))
-                counts["truncated_shard"] += 1
-                recent.append(True)
-                log.warning("shard %s: %s; reading the %d complete samples", stream.shards[shard], problem,
-                            len(samples))
-            order = stream.visiting_order(position.epoch, shard, len(samples), offset, stride)
+            index = stream.index(shard)
+            if (position.epoch, shard) not in reported:  # a shard's own problems, counted once per epoch
+                reported.add((position.epoch, shard))
+                self._shard_problems(stream.shards[shard], index, state, recent, span)
+            order = stream.visiting_order(position.epoch, shard, len(index.samples), offset, stride)
             if position.sample >= len(order):
-                position = Position(position.epoch, position.shard + 1, 0)
+                state.position = Position(position.epoch, position.shard + 1, 0)
                 continue
-            index = order[position.sample]
-            position = Position(position.epoch, position.shard, position.sample + 1)
-            key, members = samples[index]
-            rng = np.random.default_rng([self.config.seed, position.epoch, shard, index])
+            sample = order[position.sample]
+            state.position = Position(position.epoch, position.shard, position.sample + 1)
+            key, members = index.samples[sample]
+            rng = np.random.default_rng([self.config.seed, position.epoch, shard, sample])
             try:
                 example = self._example(stream, shard, key, members, rng, cache)
                 if example is None:
@@ -199,17 +274,33 @@ class StageDataset(IterableDataset):
                 if encode is not None:
                     example["text"], example["text_mask"] = self._encode(encode, example["caption"])
             except BadSample as bad:
-                counts[bad.reason] += 1
-                recent.append(True)
                 log.warning("skipped sample %s in %s: %s", key, stream.shards[shard], bad)
-                self._check_budget(recent, counts)
+                self._count_bad(state, recent, span, bad.reason)
                 continue
+            state.seen += 1
             recent.append(False)
             example["key"] = key
             batch.append(example)
             if len(batch) == self.config.batch_size:
-                yield self._collate(batch, role, position, counts)
+                yield self._collate(batch, state)
                 batch = []
+
+    def _shard_problems(self, name: str, index: TarIndex, state: _RoleState, recent: deque, span: int) -> None:
+        if index.problem:
+            log.warning("shard %s: %s; reading the %d complete samples", name, index.problem, len(index.samples))
+            self._count_bad(state, recent, span, "truncated_shard")
+        if index.unsafe:
+            shown = ", ".join(repr(n) for n in index.unsafe[:3]) + (", ..." if len(index.unsafe) > 3 else "")
+            log.warning("shard %s: skipped %d samples whose member names are absolute or climb out of the tar (%s)",
+                        name, index.unsafe_samples, shown)
+            for _ in range(index.unsafe_samples):
+                self._count_bad(state, recent, span, "unsafe_member_name")
+
+    def _count_bad(self, state: _RoleState, recent: deque, span: int, reason: str) -> None:
+        state.counts[reason] += 1
+        state.seen += 1
+        recent.append(True)
+        self._check_budget(recent, state.counts, span)
 
     def _example(self, stream: ShardStream, shard: int, key: str, members: dict, rng: np.random.Generator,
                  cache: FrameCache | None) -> dict | None:
@@ -227,23 +318,36 @@ class StageDataset(IterableDataset):
         except CacheEntryError as error:  # a wrong-size cached embedding is one bad sample, not a dead run
             raise BadSample("bad_embedding", str(error)) from None
 
-    def _check_budget(self, recent: deque, counts: Counter) -> None:
+    def _check_budget(self, recent: deque, counts: Counter, span: int) -> None:
+        """Raise DataBudgetExceeded when more than max_bad_fraction of `span` samples are bad already (before
+        `span` samples are seen), or of the last `window` samples (after)."""
         limit = self.config.max_bad_fraction
-        if limit is None or len(recent) < recent.maxlen:
+        if limit is None:
             return
-        bad = sum(recent)
-        if bad > limit * len(recent):
-            raise DataBudgetExceeded(f"{self.folder}: {bad} of the last {len(recent)} samples were bad (budget "
-                                     f"{limit:.1%}); counts by reason: {dict(counts)}")
+        bad, seen = sum(recent), len(recent)
+        if seen < span and bad > limit * span:
+            where = f"bad samples in the first {seen} read, more than the budget allows in {span}"
+        elif seen >= span and bad > limit * seen:
+            where = f"of the last {seen} samples were bad"
+        else:
+            return
+        reasons = ", ".join(f"{reason} {count}" for reason, count in counts.most_common())
+        raise DataBudgetExceeded(f"{self.folder}: {bad} {where} (data.max_bad_fraction {limit:.1%}); counts by "
+                                 f"reason: {reasons}; the log names each skipped sample")
 
-    def _collate(self, batch: list[dict], role: int, position: Position, counts: Counter) -> dict:
+    def _stats(self, state: _RoleState, error: UserError | None = None) -> dict:
+        """A batch-less item: the role's counts (the end of a finite pass) or an error for the main process."""
+        return dict(stats_only=True, role=state.role, position=asdict(state.position), bad_counts=dict(state.counts),
+                    seen=state.seen, error=error, error_code=getattr(error, "code", None))
+
+    def _collate(self, batch: list[dict], state: _RoleState) -> dict:
         out = dict(
             video=torch.stack([b["video"] for b in batch]),  # (B, 3, T, H, W) uint8
             is_image=torch.tensor([b["is_image"] for b in batch]),
             fps=torch.full((len(batch),), float(self.spec.fps)),
             captions=[b["caption"] for b in batch],
             keys=[b["key"] for b in batch],
-            role=role, position=asdict(position), bad_counts=dict(counts),
+            role=state.role, position=asdict(state.position), bad_counts=dict(state.counts), seen=state.seen,
         )
         if self.spec.has_cond:
             out["cond"] = torch.stack([b["cond"] for b in batch])  # (B, 3, T', H', W') uint8
@@ -265,7 +369,8 @@ class StageLoader:
         self.dataset, self.num_workers, self.prefetch_factor = dataset, num_workers, prefetch_factor
         self.batches = 0
         self.positions: dict[int, dict] = {}
-        self.bad_counts: dict[int, dict] = {}
+        self.bad_counts: dict[int, dict] = {}  # role -> bad samples by reason
+        self.seen: dict[int, int] = {}  # role -> samples read, good and bad
 
     def state_dict(self) -> dict:
         return dict(batches=self.batches, positions={str(k): v for k, v in self.positions.items()},
@@ -282,10 +387,26 @@ class StageLoader:
 
     @property
     def total_bad(self) -> dict:
+        """Bad samples by reason, over every worker role, since this loader was made (not saved in checkpoints)."""
         total: Counter = Counter()
         for counts in self.bad_counts.values():
             total.update(counts)
         return dict(total)
+
+    @property
+    def total_seen(self) -> int:
+        """Samples read (good and bad) over every worker role, as far as the batches received tell."""
+        return sum(self.seen.values())
+
+    def report(self) -> str:
+        """One line for the end of a run: bad samples of those read, by reason."""
+        bad = self.total_bad
+        total = sum(bad.values())
+        if not total:
+            return f"data: {self.total_seen} samples read, none bad"
+        reasons = ", ".join(f"{reason} {count}" for reason, count in Counter(bad).most_common())
+        return (f"data: {total} of {self.total_seen} samples read were bad "
+                f"({total / max(self.total_seen, 1):.1%}): {reasons}")
 
     def __iter__(self) -> Iterator[dict]:
         roles = max(self.num_workers, 1)
@@ -297,6 +418,11 @@ class StageLoader:
                             persistent_workers=False)
         for batch in loader:
             self.bad_counts[batch["role"]] = batch["bad_counts"]
+            self.seen[batch["role"]] = batch["seen"]
+            if batch.get("error") is not None:  # a worker's UserError, raised here without its traceback
+                error = batch["error"]
+                error.code = batch["error_code"]
+                raise error
             if batch.get("stats_only"):
                 continue
             self.batches += 1

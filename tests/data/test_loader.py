@@ -300,8 +300,87 @@ def test_error_budget_stops_loudly(tmp_path):
     with ShardSink(folder, samples_per_shard=100) as sink:
         write_bad_samples(sink, 60, np.random.default_rng(1))
     dataset = StageDataset(folder, BASE, LoaderConfig(batch_size=1, max_bad_fraction=0.01, window=50))
-    with pytest.raises(DataBudgetExceeded, match=r"of the last 50 samples were bad.*counts by reason"):
+    # 1% of a 50-sample window allows none: the first bad sample stops the run, not the 50th
+    with pytest.raises(DataBudgetExceeded, match=r": 1 bad samples in the first 1 read, more than the budget allows "
+                       r"in 50 \(data.max_bad_fraction 1.0%\); counts by reason: \w+ 1;"):
         next(iter(StageLoader(dataset)))
+
+
+def mixed_dataset(folder, good, bad, per_shard=5):
+    """`good` decodable videos and `bad` samples without a caption (refused before decoding), interleaved."""
+    video = encode_video(ramp_video(0, frames=8), SOURCE_FPS, crf=0)
+    meta = dict(kind="video", fps=SOURCE_FPS, frames=8, duration=0.5, width=48, height=32)
+    with ShardSink(folder, samples_per_shard=per_shard) as sink:
+        for i in range(good + bad):
+            if i * bad // (good + bad) != (i + 1) * bad // (good + bad):
+                sink.write_sample({"__key__": f"bad{i:03d}", "mp4": video})
+            else:
+                sink.write(f"good{i:03d}", video, "mp4", f"caption {i}", meta)
+    return folder
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_short_run_on_mostly_bad_data_stops_within_its_first_epoch(tmp_path, workers):
+    """64% bad data and a 50% budget: the run stops long before the 1,000-sample window is full, in the main
+    process, with one line and no DataLoader worker traceback; 40% bad data passes two whole epochs."""
+    spec = ClipSpec(frames=2, width=16, height=16, fps=4)
+    folder = mixed_dataset(tmp_path / "bad64", good=9, bad=16)
+    config = LoaderConfig(batch_size=1, max_bad_fraction=0.5, window=1000)
+    loader = StageLoader(StageDataset(folder, spec, config), num_workers=workers)
+    batches = []
+    with pytest.raises(DataBudgetExceeded) as caught:
+        for batch in loader:
+            batches.append(batch)
+    message = str(caught.value)
+    assert caught.value.code == 1 and "\n" not in message and "Traceback" not in message, message
+    span = 25 // max(workers, 1)  # one role's share of the 25-sample epoch
+    assert f"more than the budget allows in {span} (data.max_bad_fraction 50.0%)" in message, message
+    assert "counts by reason: missing_caption " in message and str(folder) in message
+    assert loader.total_seen <= 25 and len(batches) < 9
+    assert loader.total_bad["missing_caption"] > span // 2
+
+    folder = mixed_dataset(tmp_path / "bad40", good=15, bad=10)
+    loader = StageLoader(StageDataset(folder, spec, LoaderConfig(batch_size=1, max_bad_fraction=0.5, epochs=2)),
+                         num_workers=workers)
+    assert len(list(loader)) == 30
+    assert loader.total_bad == {"missing_caption": 20} and loader.total_seen == 50
+    assert loader.report() == "data: 20 of 50 samples read were bad (40.0%): missing_caption 20"
+
+
+def test_unsafe_member_names_are_skipped_and_counted(tmp_path):
+    """Members named ../../x or /abs/x are never read as samples, in the loader and in the shard index."""
+    import io
+    import tarfile
+
+    from cascade.data.loader import read_tar_index, scan_tar
+    from cascade.data.shards import Manifest
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    video = encode_video(ramp_video(0, frames=8), SOURCE_FPS, crf=0)
+    names = ["good0", "../../evil", "good1", "/abs/path/evil", "sub/../../evil2", "sub/good2"]
+    with tarfile.open(folder / "shard-000000.tar", "w") as tar:
+        for name in names:
+            for ext, data in (("mp4", video), ("txt", f"caption of {name}".encode())):
+                info = tarfile.TarInfo(f"{name}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    Manifest(shards=[dict(path="shard-000000.tar", samples=len(names))], videos=len(names)).write(folder)
+
+    index = scan_tar(folder / "shard-000000.tar")
+    assert [key for key, _ in index.samples] == ["good0", "good1", "sub/good2"]
+    assert index.unsafe == [f"{n}.{e}" for n in names if ".." in n or n.startswith("/") for e in ("mp4", "txt")]
+    assert index.unsafe_samples == 3 and index.problem is None
+    assert [key for key, _ in read_tar_index(folder / "shard-000000.tar")[0]] == ["good0", "good1", "sub/good2"]
+
+    spec = ClipSpec(frames=2, width=16, height=16, fps=4)
+    loader = StageLoader(StageDataset(folder, spec, LoaderConfig(batch_size=1, max_bad_fraction=None, epochs=1)))
+    assert sorted(k for batch in loader for k in batch["keys"]) == ["good0", "good1", "sub/good2"]
+    assert loader.total_bad == {"unsafe_member_name": 3} and loader.total_seen == 6
+    # and under a budget they count as bad data: 3 of 6 is over 10%
+    loader = StageLoader(StageDataset(folder, spec, LoaderConfig(batch_size=1, max_bad_fraction=0.1, epochs=1)))
+    with pytest.raises(DataBudgetExceeded, match="unsafe_member_name 1"):
+        list(loader)
 
 
 def test_truncated_shard_is_counted_and_its_complete_samples_used(tmp_path):
