@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cascade.errors import UserError
 from cascade.recipe import RecipeError, load_recipe
 
 DEMO_PROMPTS = ["a red circle moving right on a black background", "a cyan square moving up on a gray background"]
@@ -14,10 +15,13 @@ DEMO_PROMPTS = ["a red circle moving right on a black background", "a cyan squar
 def sample_command(args) -> int:
     """`cascade sample`; under torchrun or srun every rank samples its share of --prompts and rank 0 writes."""
     from cascade import distributed
-    from cascade.inference import Cascade, check_video_path, write_samples
+    from cascade.inference import Cascade, check_device, check_video_path, write_samples
 
+    check_device(args.device)  # before any work
     recipe = load_recipe(args.recipe, args.overrides)
     if args.prompts is not None:
+        if not args.prompts.is_file():
+            raise UserError(f"--prompts {args.prompts}: no such file (one prompt a line)")
         prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
         if not prompts:
             print(f"error: {args.prompts} holds no prompts", file=sys.stderr)
@@ -58,11 +62,12 @@ def demo_command(args) -> int:
     """Validate the shipped recipes, then sample from a randomly initialised tiny cascade (the networks are
     untrained: the video shows that every stage runs and chains, not what a trained cascade makes)."""
     from cascade.data.synthetic import all_captions
-    from cascade.inference import Cascade, write_samples
+    from cascade.inference import Cascade, check_device, write_samples
     from cascade.nn.text import build_tiny_t5
     from cascade.recipe.builtin import builtin_recipes
     from cascade.recipe.summary import format_stages
 
+    check_device(args.device)  # before any work
     if args.recipes is not None:
         recipes = sorted(args.recipes.glob("*.yaml"))
     else:

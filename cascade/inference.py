@@ -28,9 +28,10 @@ from torch import Tensor, nn
 from cascade.recipe import Recipe, RecipeError, load_recipe
 from cascade.recipe.schema import Stage
 from cascade.sampling.cascade import CascadeSampler, StageSpec
-from cascade.weights import WeightsInfo, read_info
+from cascade.errors import UserError
+from cascade.weights import WeightsInfo, explain_mismatch, info_from, read_weights, tensor_mismatch
 
-__all__ = ["Cascade", "Generation", "LoadedStage", "check_video_path", "default_device", "load_stage",
+__all__ = ["Cascade", "Generation", "LoadedStage", "check_device", "check_video_path", "default_device", "load_stage",
            "load_text_encoder", "write_samples"]
 
 
@@ -39,6 +40,26 @@ def default_device() -> torch.device:
     from cascade.distributed import resolve_device
 
     return resolve_device(None)
+
+
+def check_device(requested: torch.device | str | None) -> None:
+    """UserError (one line, exit 2) unless `requested` (a --device value; None: CUDA if present, else the CPU) names
+    a device this machine has: checked before any work."""
+    if requested is None:
+        return
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {requested}: not a device (e.g. cuda, cuda:1, cpu)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        import os
+
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = "" if hidden is None else f", CUDA_VISIBLE_DEVICES={hidden!r}"
+        raise UserError(f"--device {requested}: no CUDA device is visible here (torch.cuda.is_available() is "
+                        f"False{why}); use --device cpu, or leave --device out")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 class _Autocast(nn.Module):
@@ -71,24 +92,31 @@ class LoadedStage:
 def load_stage(recipe: Recipe, name: str, weights: str | Path | None = None, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> LoadedStage:
     """One stage's network with WEIGHTS/NAME.safetensors (or a random initialisation from the stage's seed, when
-    `weights` is None), on `device` in `dtype`. Raises FileNotFoundError naming the missing file."""
-    from safetensors.torch import load_file
-
+    `weights` is None), on `device` in `dtype`. A missing, unreadable or corrupt file, or one whose tensors do not
+    fit the recipe's network, is a UserError naming the file and the stage (for a file that records the stage it
+    was trained as, the recipe fields that differ)."""
     from cascade.recipe.build import build_unet
 
     stage = recipe.stage(name)
-    info, path = WeightsInfo(), None
+    info, path, tensors = WeightsInfo(), None, None
     if weights is not None:
         path = Path(weights) / f"{name}.safetensors"
+        if not Path(weights).is_dir():
+            raise UserError(f"{path}: no weights for stage {name}: the folder {weights} does not exist")
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no weights for stage {name} (expected STAGE.safetensors from "
-                                    f"`cascade export` or `cascade distill`)")
-        info = read_info(path)
+            raise UserError(f"{path}: no weights for stage {name} (expected STAGE.safetensors from "
+                            f"`cascade export` or `cascade distill`)")
+        tensors, metadata = read_weights(path, f"weights file of stage {name}")  # nothing is unpickled
+        info = info_from(path, metadata)
     with torch.random.fork_rng(devices=[]):  # a random initialisation draws from the stage's seed, not the caller's
         torch.manual_seed(stage.train.seed)
         net = build_unet(stage, recipe, guidance_conditioning=info.guidance_input)
-    if path is not None:
-        net.load_state_dict(load_file(str(path)))  # safetensors: tensors only, nothing is unpickled
+    if tensors is not None:
+        problem = tensor_mismatch(net.state_dict(), tensors)
+        if problem is not None:
+            raise UserError(explain_mismatch(path, name, metadata, stage.model_dump(mode="json"),
+                                             recipe.text_encoder.model_dump(mode="json"), problem))
+        net.load_state_dict(tensors)
     net = net.to(device).eval().requires_grad_(False)
     return LoadedStage(stage, net if dtype == torch.float32 else _Autocast(net, dtype), info, path)
 
@@ -125,7 +153,8 @@ class Cascade:
         from cascade.distributed import resolve_device
 
         recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-        device = resolve_device(device)  # a ValueError naming the device when it cannot be had
+        check_device(device)  # a UserError naming the device when it cannot be had
+        device = resolve_device(device)
         if isinstance(dtype, str):
             from cascade.nn.text import DTYPES
 
