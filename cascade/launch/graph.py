@@ -177,13 +177,19 @@ def _record(path: Path, name: str, entry: dict) -> None:
 
 
 def run_graph(recipe: Recipe, nodes: list[Node], force: list[str] = (), jobs: int = 1,
-              step_argv: list[str] | None = None) -> dict:
+              step_argv: list[str] | None = None, status_every: float | None = None) -> dict:
     """Run the incomplete nodes in dependency order; complete ones are skipped. Wall time per node goes to
     RUN/graph.json (a skipped node keeps the time it took when it ran).
 
     jobs > 1 runs independent nodes (e.g. different stages' training) at the same time, each as its own process
     `step_argv + [NODE]` (a `cascade step` command line) with the CPU threads shared out, its output in
-    RUN/logs/NODE.log. jobs = 1 runs every node in this process, with its progress bars."""
+    RUN/logs/NODE.log. jobs = 1 runs every node in this process, with its progress bars.
+
+    A status line shows the running nodes' steps, elapsed time and an estimate of the rest (`cascade.launch.progress`):
+    rewritten in place on a terminal, printed every `status_every` seconds (default 30) into a log."""
+    from cascade.launch.progress import Progress, StatusLine, StatusThread
+
+    progress, status = Progress(recipe), StatusLine(every=status_every)
     run = recipe.run_folder()
     run.mkdir(parents=True, exist_ok=True)
     record_path = run / "graph.json"
@@ -206,18 +212,27 @@ def run_graph(recipe: Recipe, nodes: list[Node], force: list[str] = (), jobs: in
             head = f"[{index}/{len(todo)}] {node.name}"
             print(f"{head}: {node.description}", flush=True)
             start = time.perf_counter()
-            run_node(recipe, node)
+            progress.start(node.name)
+            try:
+                with StatusThread(progress, status):
+                    run_node(recipe, node)
+            finally:
+                progress.stop(node.name)
             check(node, time.perf_counter() - start)
             print(f"{head}: done in {time.perf_counter() - start:.0f} s", flush=True)
     else:
-        _run_parallel(todo, finished, check, jobs, step_argv, run / "logs", set(force))
+        _run_parallel(todo, finished, check, jobs, step_argv, run / "logs", set(force), progress, status)
     print(f"graph done in {time.perf_counter() - total:.0f} s; run folder {run}", flush=True)
     return json.loads(record_path.read_text()) if record_path.is_file() else {}
 
 
 def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_argv: list[str], logs: Path,
-                  forced: set[str]) -> None:
+                  forced: set[str], progress, status) -> None:
     import subprocess
+
+    def say(text: str) -> None:  # a message of its own line: the terminal's status line is cleared first
+        status.clear()
+        print(text, flush=True)
 
     logs.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -237,7 +252,8 @@ def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_a
                 argv = [*step_argv, node.name, *(["--force"] if node.name in forced else [])]
                 process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
             running[node.name] = (node, process, time.perf_counter(), log)
-            print(f"[{count}/{len(todo)}] {node.name}: {node.description} (started; log {log})", flush=True)
+            progress.start(node.name)
+            say(f"[{count}/{len(todo)}] {node.name}: {node.description} (started; log {log})")
         if not running:  # nothing left that can start: a failure stopped the graph
             break
         time.sleep(0.5)
@@ -246,18 +262,21 @@ def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_a
             if code is None:
                 continue
             del running[name]
+            progress.stop(name)
             seconds = time.perf_counter() - start
             if code != 0:
                 failed.append(f"{name} (exit {code}; see {log})")
-                print(f"{name}: FAILED after {seconds:.0f} s; the last lines of {log}:", flush=True)
-                print("\n".join(log.read_text(errors="replace").splitlines()[-15:]), flush=True)
+                say(f"{name}: FAILED after {seconds:.0f} s; the last lines of {log}:")
+                say("\n".join(log.read_text(errors="replace").splitlines()[-15:]))
                 continue
             try:
                 check(node, seconds)
             except RuntimeError as error:  # exit 0 without its outputs: a failure too, once the others end
                 failed.append(str(error))
                 continue
-            print(f"{name}: done in {seconds:.0f} s", flush=True)
+            say(f"{name}: done in {seconds:.0f} s")
+        status.update(progress.line())
+    status.clear()
     if failed or pending:
         not_run = f"; not run: {', '.join(n.name for n in pending)}" if pending else ""
         raise RuntimeError("nodes failed: " + "; ".join(failed) + not_run
@@ -274,6 +293,11 @@ def run_command(args) -> int:
                 state = "complete" if node.complete() else "to do"
                 print(f"{node.name:24s} {state:9s} after: {', '.join(node.after) or '-'}")
             return 0
+        forced = args.force or []
+        if any(n.name.startswith("eval/") and (n.name in forced or not n.complete()) for n in nodes):
+            from cascade.eval.runner import EvalPlan, check_metrics
+
+            check_metrics(recipe, EvalPlan.from_recipe(recipe))  # before hours of training, not after them
         step_argv = [sys.executable, "-m", "cascade.cli", "step", str(resolve_recipe_path(args.recipe)),
                      *args.overrides]
         run_graph(recipe, nodes, force=args.force or [], jobs=args.jobs, step_argv=step_argv)

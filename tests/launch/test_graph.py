@@ -135,3 +135,122 @@ def test_step_skips_a_complete_node_unless_forced(tmp_path, monkeypatch, capsys)
     assert ran == [] and "complete, skipped" in capsys.readouterr().out
     assert main(["step", str(TINY), "data", "--force", *args]) == 0  # what `cascade run --force data --jobs 2` sends
     assert ran == ["data"]
+
+
+def _journal(path: Path, steps, micro: int = 1, cut: bool = False) -> None:
+    """Step-journal lines as the training module writes them: one per micro-batch, `step` = steps done before."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:
+        for step in steps:
+            for m in range(micro):
+                file.write(json.dumps(dict(step=step, micro=m, rank=0, loss=0.5, keys=[f"{step:06d}-{i}" for i in
+                                                                                       range(8)])) + "\n")
+        if cut:  # a line cut off mid-write
+            file.write('{"step": 99999, "mic')
+
+
+def test_status_line_reads_steps_elapsed_and_estimate_from_the_journals(tmp_path):
+    from cascade.launch.progress import Progress, last_step
+    from cascade.recipe.build import build_distillation_rounds
+
+    recipe = _recipe(tmp_path, "stages.base.train.max_steps=400")
+    now = [100.0]
+    progress = Progress(recipe, clock=lambda: now[0])
+    progress.start("train/base")
+    progress.start("embed")
+    assert progress.line() == "train/base 0/400 steps, 0s elapsed, estimating | embed 0s elapsed"
+    journal = tmp_path / "run" / "base" / "train_steps.jsonl"
+    _journal(journal, range(100), micro=2, cut=True)  # 100 steps in 50 s: 300 left at 2 steps/s
+    now[0] += 50
+    assert progress.describe("train/base") == "train/base 100/400 steps, 50s elapsed, ~2m30s left"
+    progress.stop("embed")
+    assert "embed" not in progress.line()
+    _journal(journal, range(100, 3000))  # a long journal: only its tail is read
+    assert journal.stat().st_size > 65536 and last_step(journal) == 3000
+    assert progress.describe("train/base").startswith("train/base 400/400 steps")  # capped at max_steps
+
+    # A resumed run: the steps done before it started do not count as its speed.
+    resumed = Progress(recipe, clock=lambda: now[0])
+    resumed.start("train/base")
+    assert resumed.describe("train/base").endswith("0s elapsed, estimating")
+
+    # Distillation: the rounds' steps add up; a round whose student exists is complete.
+    rounds = build_distillation_rounds(recipe.stage("base"))  # guidance, then two halvings
+    assert len(rounds) == 3
+    first = tmp_path / "run" / "base" / "distill" / rounds[0].name
+    first.mkdir(parents=True)
+    (first / "student.safetensors").write_bytes(b"x")
+    _journal(tmp_path / "run" / "base" / "distill" / rounds[1].name / "train_steps.jsonl", range(5))
+    progress.start("distill/base")
+    total = sum(r.max_steps for r in rounds)
+    assert progress.steps("distill/base") == (rounds[0].max_steps + 5, total)
+
+
+def test_status_line_in_place_on_a_terminal_and_every_n_seconds_in_a_log():
+    import io
+
+    from cascade.launch.progress import StatusLine, format_duration
+
+    assert [format_duration(s) for s in (0, 42.4, 307, 7380)] == ["0s", "42s", "5m07s", "2h03m"]
+    now = [0.0]
+    log = io.StringIO()
+    status = StatusLine(log, every=30, clock=lambda: now[0])
+    status.update("train/base 1/10 steps")  # before the first 30 s: nothing
+    now[0] = 31
+    status.update("train/base 5/10 steps")
+    now[0] = 40
+    status.update("train/base 6/10 steps")  # 9 s after the last line: nothing
+    assert log.getvalue() == "status: train/base 5/10 steps\n"
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    status = StatusLine(term, clock=lambda: now[0])
+    now[0] += 2
+    status.update("train/base 7/10 steps")
+    status.clear()
+    assert term.getvalue() == "\rtrain/base 7/10 steps\x1b[K\r\x1b[K" and status.every == 1.0
+
+
+def test_run_prints_the_status_line_while_a_node_trains(tmp_path, monkeypatch, capsys):
+    """`cascade run`'s own loop (jobs = 1: a status thread beside the node; jobs = 2: between polls of the node
+    processes) prints the status line built from the training node's journal."""
+    import time
+
+    recipe = _recipe(tmp_path, "stages.base.train.max_steps=40")
+    journal = tmp_path / "run" / "base" / "train_steps.jsonl"
+
+    def fake_run_node(recipe, node, part=None):
+        if node.name == "train/base":
+            for step in range(8):
+                _journal(journal, [step])
+                time.sleep(0.15)
+        for path in node.outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("x")
+
+    monkeypatch.setattr(graph, "run_node", fake_run_node)
+    run_graph(recipe, job_graph(recipe, ["base"]), status_every=0.3)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("status: ")]
+    assert lines and all(line.startswith("status: train/base ") and "/40 steps, " in line for line in lines)
+
+    journal.unlink()
+    (tmp_path / "run" / "teachers" / "base.safetensors").unlink()
+    nodes = job_graph(recipe, ["base"])
+    step_argv, _ = _fake_step(tmp_path, nodes, f"if node == 'train/base':\n"
+                                                f"    for s in range(12):\n"
+                                                f"        open({str(journal)!r}, 'a').write(json.dumps(dict(step=s)) + '\\n')\n"
+                                                f"        time.sleep(0.15)\n")
+    run_graph(recipe, nodes, jobs=2, step_argv=step_argv, status_every=0.3)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("status: ")]
+    assert any(line.startswith("status: train/base ") and "/40 steps, " in line for line in lines)
+
+
+def test_run_refuses_an_evaluation_it_cannot_compute_before_any_node(tmp_path, capsys):
+    args = [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", f"text_encoder.path={tmp_path / 't5'}"]
+    assert main(["run", str(TINY), "eval.metrics=[clipsim]", *args]) == 2
+    err = capsys.readouterr().err
+    assert "clipsim cannot be computed: eval.clip_path is not set" in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "graph.json").exists()
