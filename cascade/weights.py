@@ -267,9 +267,11 @@ def tensor_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, to
     unexpected = [k for k in found if k not in expected]
     parts = []
     if missing:
-        parts.append(f"{len(missing)} of the network's {len(expected)} tensors are missing ({_names(missing)})")
+        parts.append(f"{len(missing)} of the network's {len(expected)} tensors "
+                     f"{'is' if len(missing) == 1 else 'are'} missing ({_names(missing)})")
     if unexpected:
-        parts.append(f"{len(unexpected)} tensors are not in the network ({_names(unexpected)})")
+        parts.append(f"{len(unexpected)} {'tensor is' if len(unexpected) == 1 else 'tensors are'} not in the "
+                     f"network ({_names(unexpected)})")
     if parts:
         return "; ".join(parts)
     for name, want in expected.items():

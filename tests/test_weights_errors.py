@@ -94,8 +94,8 @@ def _unexpected(weights: dict, path: Path) -> None:
     (_unknown_dtype, "not a readable safetensors weights file of stage base"),
     (_size_disagrees_with_dtype, "not a readable safetensors weights file of stage base"),
     (_integer_tensor, "is torch.int32, the recipe's network holds torch.float32"),
-    (_missing, "1 of the network's"),
-    (_unexpected, "1 tensors are not in the network (extra.weight)"),
+    (_missing, "tensors is missing ("),
+    (_unexpected, "1 tensor is not in the network (extra.weight)"),
 ], ids=["empty", "garbage", "torch-checkpoint", "code-running-pickle", "truncated", "bad-header", "unknown-dtype",
         "size-disagrees-with-dtype", "integer-tensor", "missing-tensor", "unexpected-tensor"])
 def test_an_unusable_weights_file_is_one_line_naming_it(tmp_path, capsys, base_weights, write, cause):
