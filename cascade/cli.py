@@ -7,15 +7,63 @@ import json
 import sys
 from pathlib import Path
 
-from cascade.errors import UserError, describe_os_error
+from cascade.errors import UserError, describe_os_error, one_line
 from cascade.recipe import RecipeError, load_recipe
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with every argument's default appended, "(default: X)", unless its text already names one or there is
+    none worth showing (None, False, an empty list)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is argparse.SUPPRESS or default is None or default is False or default == []
+                or "default" in text or isinstance(action, argparse._VersionAction)):
+            return text
+        shown = default.as_posix() if isinstance(default, Path) else default
+        return f"{text} (default: {shown})".strip()
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose subcommands' parsers share its help formatter."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+def version_text() -> str:
+    """`cascade --version`: this package's version and torch's (read from the installed metadata: no import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from cascade import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"cascade {__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
+
+
+def resolved_yaml(recipe, source, overrides) -> str:
+    """The recipe after extends and overrides as YAML that `cascade validate` reads back (every field spelled out,
+    no extends)."""
+    import yaml
+
+    resolved = recipe.model_dump(mode="json")
+    parent = resolved.pop("extends")  # merged in already: the printed recipe stands alone
+    head = (f"# {recipe.name}: resolved from {source}" + (f" (extends {parent})" if parent else "")
+            + (f" with {' '.join(overrides)}" if overrides else ""))
+    return one_line(head) + "\n" + yaml.safe_dump(resolved, sort_keys=False)
 
 
 def cmd_validate(args) -> int:
     from cascade.recipe.summary import format_stages, stage_rows
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.json:
+    if args.print:
+        sys.stdout.write(resolved_yaml(recipe, args.recipe, args.overrides))
+    elif args.json:
         print(json.dumps(dict(recipe=str(args.recipe), name=recipe.name, stages=stage_rows(recipe)), indent=2))
     else:
         print(format_stages(recipe, args.recipe))
@@ -26,6 +74,10 @@ def cmd_plan(args) -> int:
     from cascade.plan import plan_command
 
     return plan_command(args)
+
+
+RECIPE_HELP = "a recipe file, or a built-in recipe's name (`cascade recipes` lists them)"
+OVERRIDES_HELP = "dotted overrides, e.g. stages.base.train.max_steps=100 (also accepted after the options)"
 
 
 def add_plan_arguments(p) -> None:
@@ -115,6 +167,9 @@ def cmd_distill(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.out.suffix != ".safetensors":  # before any work: export writes safetensors only
+        raise UserError(f"--out {args.out}: export writes safetensors weights; name the file "
+                        f"{args.out.with_suffix('.safetensors').name} (a .safetensors suffix)")
     from cascade.lit.train import export
 
     try:
@@ -213,7 +268,7 @@ def add_slurm_parsers(sub) -> None:
 
     p = slurm.add_parser("submit", help="render the sbatch scripts into RUN/slurm and submit the incomplete nodes "
                          "with afterok dependencies (rerun to continue: complete or queued nodes are skipped)")
-    p.add_argument("recipe", type=Path)
+    p.add_argument("recipe", type=Path, help=RECIPE_HELP)
     p.add_argument("overrides", nargs="*", help="dotted overrides, carried into every job, e.g. "
                    "stages.base.launch.nodes=2 cluster.partition=gpu")
     p.add_argument("--stages", help="comma-separated stages to train and distill (default: all, then eval + report)")
@@ -227,7 +282,7 @@ def add_slurm_parsers(sub) -> None:
 
     p = slurm.add_parser("status", help="each node of a submitted graph: job id, state, outputs, starts")
     p.add_argument("run", type=Path, help="the run folder (runs/NAME unless the recipe sets run_dir)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the nodes as JSON")
     p.set_defaults(func=_lazy("cascade.launch.slurm", "status_command"))
 
 
@@ -247,19 +302,24 @@ def add_recipes_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cascade", description="Train, distill, sample and evaluate cascaded "
-                                     "text-to-video diffusion models from one recipe file.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="cascade", description="Train, distill, sample and evaluate cascaded text-to-video "
+                    "diffusion models from one recipe file.")
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print cascade's version and torch's, then exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check a recipe and print its stages with parameter counts")
-    p.add_argument("recipe", type=Path)
+    p.add_argument("recipe", type=Path, help=RECIPE_HELP)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.base.train.lr=3e-4")
-    p.add_argument("--json", action="store_true", help="print the stages as JSON")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the stages as JSON")
+    output.add_argument("--print", action="store_true", help="print the fully resolved recipe (after extends and "
+                        "overrides) as YAML, which `cascade validate` accepts back")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="per-stage GPU memory per rank, FLOPs, step time and GPU-hours of training, "
                        "from one fake-tensor training step (nothing is allocated); exits 1 if a stage does not fit")
-    p.add_argument("recipe", type=Path)
+    p.add_argument("recipe", type=Path, help=RECIPE_HELP)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.base.train.batch_size=1")
     add_plan_arguments(p)
     p.add_argument("--stages", help="comma-separated stages to plan (default: all)")
@@ -267,11 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("schema", help="print (or write) the recipe JSON schema for editors")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=Path, help="write the schema to this file (default: print it)")
     p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("sample", help="sample videos through every stage of the cascade")
-    p.add_argument("recipe", type=Path)
+    p.add_argument("recipe", type=Path, help=RECIPE_HELP)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.base.sampler.steps=32")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a caption (repeatable)")
@@ -279,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output video: .mp4 or .gif")
     p.add_argument("--checkpoints", type=Path, help="folder of per-stage weights (STAGE.safetensors); "
                    "without it the networks are randomly initialised")
-    p.add_argument("--up-to", help="stop after this stage")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--up-to", metavar="STAGE", help="stop after this stage (default: the last)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every video's random streams (video i: seed, i)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts sampled together (a video does not depend on "
                    "its batch: each has its own random stream, from --seed and its index)")
     add_device_arguments(p)
@@ -289,30 +349,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parsers(sub)
 
     p = sub.add_parser("train", help="train one stage (rerun the same command to resume)")
-    p.add_argument("recipe", type=Path)
+    p.add_argument("recipe", type=Path, help=RECIPE_HELP)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.base.train.max_steps=100")
-    p.add_argument("--stage", required=True, help="the stage to train")
+    p.add_argument("--stage", required=True, help="the stage to train (a name from the recipe's stages)")
     add_train_device_argument(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="guidance and progressive distillation of one trained stage (rerun to resume)")
-    p.add_argument("recipe", type=Path)
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--stage", required=True)
+    p.add_argument("recipe", type=Path, help=RECIPE_HELP)
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--stage", required=True, help="the stage to distill (a name from the recipe's stages)")
     p.add_argument("--teacher", type=Path, help="teacher weights (.safetensors or a training checkpoint); default: "
                    "the stage's last training checkpoint (EMA weights)")
     add_train_device_argument(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("export", help="EMA weights of a training checkpoint as safetensors (for cascade sample)")
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="STAGE.safetensors")
+    p.add_argument("checkpoint", type=Path, help="a training checkpoint: RUN/STAGE/checkpoints/last.ckpt or step-*.ckpt "
+                   "(a folder for a sharded run)")
+    p.add_argument("--out", type=Path, required=True, help="the weights file to write, STAGE.safetensors (the "
+                   "suffix must be .safetensors)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="the recipe's whole job graph here: data, embeddings, training and distillation "
                        "of every stage, evaluation, report (rerun to continue; complete steps are skipped)")
-    p.add_argument("recipe", type=Path)
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("recipe", type=Path, help=RECIPE_HELP)
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--stages", help="comma-separated stages to train and distill (default: all, then eval + report)")
     p.add_argument("--force", action="append", metavar="NODE", help="rerun this node even if complete (repeatable)")
     p.add_argument("--list", action="store_true", help="print the graph and what is complete, run nothing")
@@ -321,9 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("cascade.launch.graph", "run_command"))
 
     p = sub.add_parser("step", help="one node of the job graph, e.g. train/base (what a cluster job runs)")
-    p.add_argument("recipe", type=Path)
-    p.add_argument("node")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("recipe", type=Path, help=RECIPE_HELP)
+    p.add_argument("node", help="the node, e.g. data, embed, train/base, distill/base, eval/teachers, report "
+                   "(`cascade run RECIPE --list` lists them)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--part", type=int, help="the slice of an array node (embed)")
     p.add_argument("--parts", type=int, default=1, help="slices of the embed node")
     p.add_argument("--force", action="store_true", help="run it even if its outputs exist")
@@ -334,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate every stage (ground-truth and generated inputs), swept over steps, "
                        "guidance and augmentation: JSON, markdown table, plots")
-    p.add_argument("recipe", type=Path)
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("recipe", type=Path, help=RECIPE_HELP)
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--checkpoints", type=Path, required=True, help="folder of per-stage weights (STAGE.safetensors: "
                    "exported teachers or distilled students)")
     p.add_argument("--num-videos", type=int, help="videos per setting (default: eval.num_videos)")
@@ -344,16 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aug", help="comma-separated input noise-augmentation log-SNRs (default: eval.aug_logsnr)")
     p.add_argument("--metrics", help="comma-separated: fvd, clipsim, probes (default: eval.metrics)")
     p.add_argument("--stages", help="comma-separated stages to evaluate (default: all)")
-    p.add_argument("--modes", help="gt, cascade or both (default): the SR stages' inputs")
+    p.add_argument("--modes", help="the super-resolution stages' inputs: gt (ground truth at the input stage's "
+                   "size), cascade (the earlier stages' samples), or both (= gt,cascade); comma-separated "
+                   "(default: eval.modes)")
     p.add_argument("--batch-size", type=int, help="videos sampled together (default: eval.batch_size)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every video's random streams (video i: seed, i)")
     p.add_argument("--out", type=Path, help="output folder (default: runs/NAME/eval/CHECKPOINTS-NAME)")
     add_device_arguments(p)
     p.set_defaults(func=_lazy("cascade.eval.runner", "eval_command"))
 
     p = sub.add_parser("demo", help="the built-in demo: validate the shipped recipes, then sample a video "
                        "from a randomly initialised tiny cascade")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the sampled video")
     p.add_argument("--recipes", type=Path, default=None, help="folder of recipes to validate (default: the built-in "
                    "ones)")
     add_device_arguments(p, dtype=False)
