@@ -11,7 +11,7 @@ from cascade.errors import UserError, describe_os_error, one_line
 from cascade.recipe import RecipeError, load_recipe
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """Help with every argument's default appended, "(default: X)", unless its text already names one or there is
     none worth showing (None, False, an empty list)."""
 
@@ -208,57 +208,67 @@ def add_data_parsers(sub) -> None:
         dest="data_command", required=True)
 
     p = data.add_parser("synth", help="write shards of the built-in synthetic dataset")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="dataset folder to write (shards and manifest.json)")
     p.add_argument("--count", type=int, required=True, help="videos to write")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the scenes (the same seed writes the same videos)")
     p.add_argument("--images", type=int, default=0, help="still images to write as well (joint training)")
     p.add_argument("--split", choices=["train", "heldout"], default="train",
                    help="train excludes the held-out caption combinations; heldout has only those")
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--height", type=int, default=64)
-    p.add_argument("--fps", type=float, default=16.0)
+    p.add_argument("--width", type=int, default=64, help="frame width in pixels")
+    p.add_argument("--height", type=int, default=64, help="frame height in pixels")
+    p.add_argument("--fps", type=float, default=16.0, help="frames per second")
     p.add_argument("--seconds", type=float, default=2.0, help="duration of each video")
-    p.add_argument("--samples-per-shard", type=int, default=256)
+    p.add_argument("--samples-per-shard", type=int, default=256, help="samples in each tar shard")
     p.set_defaults(func=_lazy("cascade.data.synthetic", "synth_command"))
 
     p = data.add_parser("videos", help="shards from a folder of videos and a captions CSV/JSONL (WebVid layout)")
     p.add_argument("--videos", type=Path, required=True, help="folder of video files")
     p.add_argument("--captions", type=Path, required=True, help="CSV or JSONL: id (or videoid), caption (or name), "
                    "optional path (relative to --videos)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="dataset folder to write (shards and manifest.json)")
     p.add_argument("--max-size", type=int, default=512, help="longest side after re-encoding")
-    p.add_argument("--samples-per-shard", type=int, default=256)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--samples-per-shard", type=int, default=256, help="samples in each tar shard")
+    p.add_argument("--workers", type=int, default=4, help="conversion processes")
     p.set_defaults(func=_lazy("cascade.data.build", "videos_command"))
 
     p = data.add_parser("images", help="shards from a folder of images and a captions CSV/JSONL")
-    p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--captions", type=Path, required=True, help="CSV or JSONL: id, caption, optional path")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--max-size", type=int, default=512)
-    p.add_argument("--samples-per-shard", type=int, default=1024)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--images", type=Path, required=True, help="folder of image files")
+    p.add_argument("--captions", type=Path, required=True, help="CSV or JSONL: id, caption, optional path "
+                   "(relative to --images)")
+    p.add_argument("--out", type=Path, required=True, help="dataset folder to write (shards and manifest.json)")
+    p.add_argument("--max-size", type=int, default=512, help="longest side after re-encoding")
+    p.add_argument("--samples-per-shard", type=int, default=1024, help="samples in each tar shard")
+    p.add_argument("--workers", type=int, default=4, help="conversion processes")
     p.set_defaults(func=_lazy("cascade.data.build", "images_command"))
 
-    p = data.add_parser("tiny-t5", help="a tiny T5 whose sentencepiece tokenizer is trained on a dataset's captions")
-    p.add_argument("--shards", type=Path, required=True, help="dataset folder whose captions train the tokenizer")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p = data.add_parser("tiny-t5", help="a tiny randomly initialised T5 whose sentencepiece tokenizer is trained on "
+                        "a dataset's captions, or is an existing tokenizer (--tokenizer)")
+    p.add_argument("--shards", type=Path, help="dataset folder whose captions train the tokenizer (with --tokenizer: "
+                   "whose captions are checked for characters the tokenizer does not know)")
+    p.add_argument("--tokenizer", type=Path, help="use this tokenizer instead of training one: a sentencepiece "
+                   ".model file, or a folder T5TokenizerFast or T5Tokenizer loads")
+    p.add_argument("--out", type=Path, required=True, help="folder to write the encoder to (config.json, "
+                   "model.safetensors, the tokenizer's files)")
+    p.add_argument("--dim", type=int, default=64, help="model width")
+    p.add_argument("--layers", type=int, default=2, help="encoder layers")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (must divide --dim)")
+    p.add_argument("--vocab-size", type=int, help="pieces of the tokenizer trained on --shards (default: 256; not "
+                   "with --tokenizer)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tokenizer training and the random weights")
     p.set_defaults(func=_lazy("cascade.data.embed", "tiny_t5_command"))
 
-    p = data.add_parser("embed", help="encode every caption of a dataset once into the T5 embedding cache")
+    p = data.add_parser("embed", help="encode every caption of a dataset once into the T5 embedding cache; warns "
+                        "about damaged shards, captions cut to --max-tokens and characters the tokenizer lacks")
     p.add_argument("--shards", type=Path, required=True, help="dataset folder (with manifest.json)")
     p.add_argument("--encoder", required=True, help="T5 folder or hub id")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens per caption, end of sequence included "
+                   "(must equal the recipe's text_encoder.max_tokens)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype the encoder runs in (the cache stores float16)")
     p.add_argument("--out", type=Path, help="cache folder (default: SHARDS/embeddings)")
     p.add_argument("--part", type=int, default=0, help="this job's slice of the shards (array jobs)")
     p.add_argument("--parts", type=int, default=1, help="number of slices")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="captions encoded together")
     p.set_defaults(func=_lazy("cascade.data.embed", "embed_command"))
 
 
@@ -372,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="the recipe's whole job graph here: data, embeddings, training and distillation "
-                       "of every stage, evaluation, report (rerun to continue; complete steps are skipped)")
+                       "of every stage, evaluation, report (rerun to continue; complete steps are skipped); a status line "
+                       "shows the running nodes' steps, elapsed time and time left")
     p.add_argument("recipe", type=Path, help=RECIPE_HELP)
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--stages", help="comma-separated stages to train and distill (default: all, then eval + report)")

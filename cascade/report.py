@@ -64,12 +64,15 @@ def write_report(recipe: Recipe, run: Path, samples: int = 4, device=None) -> Pa
     # The cascade's final output for held-out captions, teacher against distilled.
     if evals:
         first = next(iter(evals.values()))
+        gt = first["ground_truth"].get(last, {}).get("probes", {})
+        # the probes that scored something (none on real data): no column of dashes only
+        fields = [f for f in FIELDS if gt.get(f) is not None or any(
+            (final_scores(r, last) or {}).get("probes", {}).get(f) is not None for r in evals.values())]
         lines += [f"Final stage `{last}` ({recipe.stages[-1].frames} frames, {recipe.stages[-1].width}x"
                   f"{recipe.stages[-1].height} at {recipe.stages[-1].fps:g} fps), {first['data']['videos']} videos "
                   f"of {first['data']['what']}, every stage fed the previous stage's samples.", "",
-                  "| cascade | steps per stage | NFE per video | sampling s per video | "
-                  + " | ".join(f"probe {f}" for f in FIELDS) + " |", "|---|---|---|---|" + "---|" * len(FIELDS)]
-        gt = first["ground_truth"].get(last, {}).get("probes", {})
+                  "| cascade | steps per stage | NFE per video | sampling s per video |"
+                  + "".join(f" probe {f} |" for f in fields), "|---|---|---|---|" + "---|" * len(fields)]
         for which, report in evals.items():
             rows = {r["stage"]: final_scores(report, r["stage"]) for r in report["rows"]}
             chain = [rows.get(s.name) for s in recipe.stages]
@@ -82,15 +85,17 @@ def write_report(recipe: Recipe, run: Path, samples: int = 4, device=None) -> Pa
                                   steps={r["stage"]: r["steps"] for r in chain},
                                   fvd=chain[-1].get("fvd"))
             steps = ", ".join(str(r["steps"]) for r in chain)
-            lines.append(f"| {which} | {steps} | {nfe} | {seconds:.2f} | "
-                         + " | ".join(_fmt(probes.get(f), True) for f in FIELDS) + " |")
-        if gt:
-            lines.append("| ground truth | – | – | – | " + " | ".join(_fmt(gt.get(f), True) for f in FIELDS) + " |")
+            lines.append(f"| {which} | {steps} | {nfe} | {seconds:.2f} |"
+                         + "".join(f" {_fmt(probes.get(f), True)} |" for f in fields))
+        if gt and fields:
+            lines.append("| ground truth | – | – | – |" + "".join(f" {_fmt(gt.get(f), True)} |" for f in fields))
         if "teachers" in summary and "distilled" in summary:
             t, d = summary["teachers"]["probes"], summary["distilled"]["probes"]
             kept = {f: d[f] / t[f] for f in FIELDS if t.get(f) and d.get(f) is not None}
             summary["distilled_keeps"] = kept
-            lines += ["", "Distilled / teacher: " + ", ".join(f"{f} {100 * v:.0f} %" for f, v in kept.items()) + "."]
+            if kept:
+                lines += ["", "Distilled / teacher: " + ", ".join(f"{f} {100 * v:.0f} %" for f, v in kept.items())
+                          + "."]
         if any(s.get("fvd") is not None for s in summary.values() if isinstance(s, dict) and "probes" in s):
             lines += ["", "FVD of the final stage: " + ", ".join(
                 f"{w} {_fmt(s['fvd'])}" for w, s in summary.items() if isinstance(s, dict) and s.get("fvd") is not None)

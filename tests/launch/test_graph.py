@@ -254,3 +254,25 @@ def test_run_refuses_an_evaluation_it_cannot_compute_before_any_node(tmp_path, c
     err = capsys.readouterr().err
     assert "clipsim cannot be computed: eval.clip_path is not set" in err and "Traceback" not in err
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "graph.json").exists()
+
+
+def test_report_tables_stay_aligned_when_the_probes_scored_nothing(tmp_path):
+    """A run on real data (FVD only): the report's table has no probe columns of dashes and no empty
+    'Distilled / teacher' sentence."""
+    from cascade.eval.runner import AXES
+    from cascade.report import write_report
+
+    recipe = _recipe(tmp_path, "data.kind=shards", f"data.shards={tmp_path / 'shards'}")
+    run = tmp_path / "run"
+    for which, steps in (("teachers", 8), ("distilled", 4)):
+        rows = [dict(stage=s.name, mode="text" if s.kind == "base" else "cascade", axes=list(AXES), steps=steps,
+                     nfe_per_video=steps, seconds=1.0, **({"fvd": 100.0 + steps} if s is recipe.stages[-1] else {}))
+                for s in recipe.stages]
+        (run / "eval" / which).mkdir(parents=True)
+        (run / "eval" / which / "eval.json").write_text(json.dumps(dict(
+            rows=rows, ground_truth={}, data=dict(videos=2, what="the training shards"), plots=[])))
+    text = write_report(recipe, run).read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0] == "| cascade | steps per stage | NFE per video | sampling s per video |"
+    assert {line.count("|") for line in table} == {5} and len(table) == 4
+    assert "Distilled / teacher" not in text and "FVD of the final stage: teachers 108, distilled 104" in text
