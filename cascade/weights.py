@@ -308,9 +308,10 @@ ARCHITECTURE = ("kind", "unet.")  # the stage fields that decide the network's t
 
 def explain_mismatch(path: str | Path, stage_name: str, metadata: Mapping[str, str], stage: Mapping,
                      text_encoder: Mapping, tensors_problem: str, limit: int = 6) -> str:
-    """One line on why a weights file does not fit the recipe's stage: the fields where the stage it was trained as
-    (its cascade.stage metadata) differs from the recipe's, those that shape the network first (at most `limit`
-    listed); the tensor problem alone when the file records no stage or nothing differs."""
+    """One line on why a weights file does not fit the recipe's stage: the fields that shape the network (the
+    stage's kind, unet.*, text_encoder.dim) where the stage it was trained as (its cascade.stage and
+    cascade.text_encoder metadata) differs from the recipe's, at most `limit` listed, and the first tensor problem;
+    the tensor problem alone when the file records no stage or none of those fields differs."""
     recorded_stage = _json_entry(metadata, "cascade.stage")
     recorded_encoder = _json_entry(metadata, "cascade.text_encoder")
     diffs: list[tuple[str, object, object]] = []
@@ -319,9 +320,8 @@ def explain_mismatch(path: str | Path, stage_name: str, metadata: Mapping[str, s
     if isinstance(recorded_encoder, dict) and "dim" in recorded_encoder and recorded_encoder["dim"] != \
             text_encoder.get("dim"):
         diffs.insert(0, ("text_encoder.dim", recorded_encoder["dim"], text_encoder.get("dim")))
-    shaping = [d for d in diffs if d[0] == "text_encoder.dim" or any(
-        d[0].startswith(f"stages.{stage_name}.{a}") for a in ARCHITECTURE)]
-    diffs = shaping or diffs
+    diffs = [d for d in diffs if d[0] == "text_encoder.dim" or any(  # training or sampling settings cannot be
+        d[0].startswith(f"stages.{stage_name}.{a}") for a in ARCHITECTURE)]  # the cause: left out
     if not diffs:
         return f"{path}: does not fit stage {stage_name}: {tensors_problem}"
     from cascade.errors import short_repr

@@ -135,6 +135,20 @@ def test_weights_trained_with_other_settings_name_the_differing_fields(tmp_path,
     # with the fields it was trained with, the file loads
     fitting = load_recipe(TINY, ["stages.base.unet.channels=16", "stages.base.unet.head_dim=8"])
     assert load_stage(fitting, "base", weights).info.kind == "ema"
+    # a file that does not fit for another reason: the tensor problem, not the training settings that differ
+    recipe = load_recipe(TINY, ["stages.base.train.lr=0.5"])
+    stage = recipe.stage("base")
+    tensors = build_unet(stage, recipe).state_dict()
+    dropped = next(iter(tensors))
+    save_weights(path, {k: v for k, v in tensors.items() if k != dropped}, WeightsInfo(kind="ema"),
+                 {"cascade.stage": json.dumps(stage.model_dump(mode="json"))})
+    line = _one_line_error(_sample(tmp_path, weights, capsys)[1])
+    assert line.startswith(f"error: {path}: does not fit stage base: 1 of the network's") and dropped in line, line
+    assert "lr" not in line
+    # the text encoder's width shapes the cross-attention
+    _exported(load_recipe(TINY, ["text_encoder.dim=24"]), "base", path)
+    line = _one_line_error(_sample(tmp_path, weights, capsys)[1])
+    assert f"{path}: trained with text_encoder.dim 24, the recipe says {load_recipe(TINY).text_encoder.dim};" in line
 
 
 def test_weights_without_metadata_name_the_first_mismatching_tensor(tmp_path, capsys, base_weights):
