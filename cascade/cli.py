@@ -375,15 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("export", help="EMA weights of a training checkpoint as safetensors (for cascade sample)")
-    p.add_argument("checkpoint", type=Path, help="a training checkpoint: RUN/STAGE/checkpoints/last.ckpt or step-*.ckpt "
-                   "(a folder for a sharded run)")
+    p.add_argument("checkpoint", type=Path, help="a training checkpoint: RUN/STAGE/checkpoints/last.ckpt or "
+                   "step-*.ckpt (a folder for a sharded run)")
     p.add_argument("--out", type=Path, required=True, help="the weights file to write, STAGE.safetensors (the "
                    "suffix must be .safetensors)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="the recipe's whole job graph here: data, embeddings, training and distillation "
-                       "of every stage, evaluation, report (rerun to continue; complete steps are skipped); a status line "
-                       "shows the running nodes' steps, elapsed time and time left")
+                       "of every stage, evaluation, report (rerun to continue; complete steps are skipped); a status "
+                       "line shows the running nodes' steps, elapsed time and time left")
     p.add_argument("recipe", type=Path, help=RECIPE_HELP)
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--stages", help="comma-separated stages to train and distill (default: all, then eval + report)")

@@ -34,6 +34,14 @@ def test_version_prints_the_package_and_torch_versions(capsys):
     assert torch.__version__ in out
 
 
+def test_every_argument_of_every_command_has_a_help_text():
+    """Walks the whole parser, so a new argument without help fails here."""
+    actions = list(_walk(build_parser()))
+    assert len({path for path, _ in actions}) > 20  # every subcommand was reached (data, slurm, recipes included)
+    missing = [f"{' '.join(path)} {action.dest}" for path, action in actions if not (action.help or "").strip()]
+    assert not missing, f"arguments without help: {missing}"
+
+
 def test_help_shows_the_defaults(capsys):
     formatter = build_parser().formatter_class
     shown = []

@@ -222,7 +222,8 @@ def load_examples(folder: Path, spec, count: int) -> dict:
 # Metrics
 # --------------------------------------------------------------------------------------------------------------
 class Metrics:
-    """The requested metrics on `ranks`' device (`check_metrics` has made sure each can run). Each rank scores its own videos and the scores merge across ranks: FVD statistics by all-reduce
+    """The requested metrics on `ranks`' device (`check_metrics` has made sure each can run). Each rank scores its
+    own videos and the scores merge across ranks: FVD statistics by all-reduce
     (`FeatureStats.all_reduce`), probe hits and CLIPSIM cosines as sums and counts; FVD itself is taken on rank 0,
     against reference statistics that rank 0 computes and caches."""
 

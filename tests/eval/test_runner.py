@@ -136,7 +136,8 @@ def random_cascade(tmp_path_factory, tiny_t5):
 def test_cascade_eval_writes_json_table_and_plots(random_cascade, tiny_t5, tmp_path):
     out = tmp_path / "eval"
     args = ["eval", str(TINY), "--checkpoints", str(random_cascade / "weights"), "--num-videos", "2",
-            "--steps", "2,4", "--guidance", "0,2", "--aug", "3", "--batch-size", "2", "--metrics", "probes", "--modes", "both",
+            "--steps", "2,4", "--guidance", "0,2", "--aug", "3", "--batch-size", "2", "--metrics", "probes",
+            "--modes", "both",
             "--stages", "base,tsr1,ssr1", "--out", str(out), f"text_encoder.path={tiny_t5}",
             f"data.root={tmp_path / 'data'}"] + [f"stages.{s}.sampler.steps=4" for s in ("base", "tsr1", "ssr1")]
     assert main(args) == 0

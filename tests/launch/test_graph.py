@@ -241,7 +241,8 @@ def test_run_prints_the_status_line_while_a_node_trains(tmp_path, monkeypatch, c
     nodes = job_graph(recipe, ["base"])
     step_argv, _ = _fake_step(tmp_path, nodes, f"if node == 'train/base':\n"
                                                 f"    for s in range(12):\n"
-                                                f"        open({str(journal)!r}, 'a').write(json.dumps(dict(step=s)) + '\\n')\n"
+                                                f"        with open({str(journal)!r}, 'a') as f:\n"
+                                                f"            f.write(json.dumps(dict(step=s)) + '\\n')\n"
                                                 f"        time.sleep(0.15)\n")
     run_graph(recipe, nodes, jobs=2, step_argv=step_argv, status_every=0.3)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("status: ")]
