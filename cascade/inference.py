@@ -101,6 +101,9 @@ def load_stage(recipe: Recipe, name: str, weights: str | Path | None = None, dev
     info, path, tensors = WeightsInfo(), None, None
     if weights is not None:
         path = Path(weights) / f"{name}.safetensors"
+        if Path(weights).is_file():
+            raise UserError(f"{weights}: a file; the weights are a folder of STAGE.safetensors (this stage's: "
+                            f"{name}.safetensors), from `cascade export` or `cascade distill`")
         if not Path(weights).is_dir():
             raise UserError(f"{path}: no weights for stage {name}: the folder {weights} does not exist")
         if not path.is_file():

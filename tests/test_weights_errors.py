@@ -151,6 +151,16 @@ def test_weights_trained_with_other_settings_name_the_differing_fields(tmp_path,
     assert f"{path}: trained with text_encoder.dim 24, the recipe says {load_recipe(TINY).text_encoder.dim};" in line
 
 
+def test_checkpoints_naming_a_file_or_a_folder_without_the_stage(tmp_path, capsys, base_weights):
+    file = tmp_path / "base.safetensors"
+    save_file(base_weights, str(file))
+    code, text = _sample(tmp_path, file, capsys)
+    assert code == 2 and f"error: {file}: a file; the weights are a folder" in _one_line_error(text)
+    code, text = _sample(tmp_path, tmp_path / "none", capsys)
+    line = _one_line_error(text)
+    assert code == 2 and f"{tmp_path / 'none' / 'base.safetensors'}: no weights for stage base" in line
+
+
 def test_weights_without_metadata_name_the_first_mismatching_tensor(tmp_path, capsys, base_weights):
     recipe = load_recipe(TINY, ["stages.base.unet.channels=16"])
     weights = tmp_path / "weights"
