@@ -33,7 +33,22 @@ def build_unet(stage: Stage, recipe: Recipe, device: str | torch.device | None =
 
 
 def count_parameters(stage: Stage, recipe: Recipe) -> int:
-    return sum(p.numel() for p in build_unet(stage, recipe, device="meta").parameters())
+    """Parameters of the stage's U-Net without allocating them, at a cost that does not grow with num_res_blocks.
+
+    The units of one level are identical (`VideoUNet` builds each as unit(width, width, level) on both paths), so a
+    meta-device build with one unit per level, plus (num_res_blocks[i] - 1) times level i's first down and up unit,
+    is the whole count (tests/recipe/test_fuzz.py checks it against full builds)."""
+    levels = len(stage.unet.channel_mults)
+    one = stage.model_copy(update=dict(unet=stage.unet.model_copy(update=dict(num_res_blocks=[1] * levels))))
+    net = build_unet(one, recipe, device="meta")
+    total = _numel(net)
+    for level, blocks in enumerate(stage.unet.num_res_blocks):  # net.up runs innermost level first
+        total += (blocks - 1) * (_numel(net.down[level][0]) + _numel(net.up[levels - 1 - level][0]))
+    return total
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def build_schedule(stage: Stage):

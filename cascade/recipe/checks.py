@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from cascade.recipe.schema import Recipe
+from cascade.recipe.schema import FVD_MIN_FRAMES, Recipe
 
 
 def cascade_problems(recipe: Recipe) -> list[tuple[str, str]]:
@@ -54,7 +54,24 @@ def cascade_problems(recipe: Recipe) -> list[tuple[str, str]]:
         if stage.input is not None and stage.input in seen and stage.input != recipe.stages[index - 1].name:
             problems.append((f"stages.{stage.name}.input", f"input {stage.input!r} is not the previous stage "
                              f"{recipe.stages[index - 1].name!r}: the cascade is a chain"))
+    problems.extend(_eval_problems(recipe))
     return problems
+
+
+def _eval_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """FVD among eval.metrics needs eval.frames within the I3D protocol (cascade.eval.fvd.FVDProtocol), and a
+    stage with that many frames: otherwise `cascade eval` would compute no FVD at all."""
+    e = recipe.eval
+    if "fvd" not in e.metrics:
+        return []
+    if e.frames < FVD_MIN_FRAMES:
+        return [("eval.frames", f"{e.frames}, but FVD (in eval.metrics) needs at least {FVD_MIN_FRAMES} frames (its I3D "
+                 f"protocol; canonical 16): raise eval.frames or drop fvd from eval.metrics")]
+    longest = max(recipe.stages, key=lambda s: s.frames)
+    if longest.frames < e.frames:
+        return [("eval.frames", f"{e.frames} frames for FVD, but the longest stage ({longest.name}) has "
+                 f"{longest.frames}, so no stage would get an FVD; lower eval.frames or drop fvd from eval.metrics")]
+    return []
 
 
 def _chain_problems(at: str, stage, source) -> list[tuple[str, str]]:

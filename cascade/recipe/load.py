@@ -1,11 +1,18 @@
 """Loading a recipe: YAML (duplicate keys rejected), one level of `extends:`, dotted command-line
-overrides, validation, and errors that name the file, the field path and the problem."""
+overrides, validation, and errors that name the file, the field path and the problem.
+
+A recipe file is bounded before anything is built from it: its size, its nesting and the number of values its
+aliases expand to (a YAML "billion laughs" file would otherwise hang validation and fill the memory), and every
+message is cut to a bounded length.
+"""
 
 from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -14,22 +21,68 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from cascade.errors import one_line
 from cascade.recipe.builtin import resolve_recipe_path
 from cascade.recipe.checks import cascade_problems
 from cascade.recipe.schema import Recipe
 
 
+MAX_RECIPE_BYTES = 256 * 1024  # imagen-video.yaml, the largest shipped recipe, is 16 KB
+MAX_DEPTH = 32  # levels of mappings, lists and values; a recipe has 7 (the file, stages, a stage, ..., betas, a beta)
+MAX_VALUES = 100_000  # values (mappings, lists, scalars) after aliases are expanded; imagen-video.yaml has ~1,000
+MAX_PROBLEMS = 20  # problems listed in one message; the rest are counted
+MAX_PROBLEM_CHARS = 500  # characters of one problem's line
+
+
 class RecipeError(ValueError):
-    """A recipe that cannot be used. `str(error)` is the whole message for the user, one line per problem."""
+    """A recipe that cannot be used. `str(error)` is the whole message for the user, one line per problem (at most
+    MAX_PROBLEMS lines of at most MAX_PROBLEM_CHARS characters each, however large the recipe)."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
         self.source, self.problems = source, problems
-        super().__init__("\n".join(f"{source}: {path}: {problem}" if path else f"{source}: {problem}"
-                                   for path, problem in problems))
+        lines = [one_line(f"{source}: {path}: {problem}" if path else f"{source}: {problem}", MAX_PROBLEM_CHARS)
+                 for path, problem in problems[:MAX_PROBLEMS]]
+        if len(problems) > MAX_PROBLEMS:
+            lines.append(one_line(f"{source}: and {len(problems) - MAX_PROBLEMS} more problems", MAX_PROBLEM_CHARS))
+        super().__init__("\n".join(lines))
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A YAML document this loader will not build: too deep, too large once its aliases are expanded."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last one silently)."""
+    """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last one silently), nesting deeper than
+    MAX_DEPTH, aliases that expand to more than MAX_VALUES values or refer to themselves, and scalars Python cannot
+    build (an integer of 5,000 digits, the date 2001-13-45) - each as a YAML error with its line."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        # The composer recurses once per level: 100,000 nested brackets would end in a RecursionError.
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(None, None, f"nesting deeper than {MAX_DEPTH} levels of mappings and lists; a recipe "
+                               f"nests 7", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node):
+        _check_expansion(node)
+        return super().construct_document(node)
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError) as error:  # e.g. int() of 5,000 digits, a timestamp with month 13
+            problem = (f"an integer of {len(node.value)} characters, beyond any field's range"
+                       if node.tag == "tag:yaml.org,2002:int" else one_line(error, 200))
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read the value {shown(node.value)}: {problem}", node.start_mark) from None
 
     def construct_mapping(self, node, deep=False):
         seen = {}
@@ -41,7 +94,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+                    None, None, f"duplicate key {shown(key)} (first at line {seen[key] + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -62,21 +115,62 @@ _UniqueKeyLoader.add_implicit_resolver(
 )
 
 
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a node graph whose aliases expand it beyond MAX_VALUES values or MAX_DEPTH levels, or that contains
+    itself; counted once per distinct node (memoized), so a billion-laughs file costs no more than its own size."""
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values once expanded, levels)
+    active: set[int] = set()
+
+    def walk(node: yaml.Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            size, height = sizes[key]
+        elif key in active:
+            raise _Refused(None, None, "an alias refers to the value that contains it (a recursive recipe)",
+                           node.start_mark)
+        else:
+            if depth > MAX_DEPTH:
+                raise _Refused(None, None, f"aliases nest values deeper than {MAX_DEPTH} levels; a recipe nests 7",
+                               node.start_mark)
+            active.add(key)
+            children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                        else node.value if isinstance(node, yaml.SequenceNode) else [])
+            size, height = 1, 1
+            for child in children:
+                child_size, child_height = walk(child, depth + 1)
+                size, height = size + child_size, max(height, child_height + 1)
+                if size > MAX_VALUES:
+                    raise _Refused(None, None, f"aliases expand this value to more than {MAX_VALUES:,} values (a "
+                                   f"'billion laughs' file?); a recipe has about a thousand", node.start_mark)
+            active.discard(key)
+            sizes[key] = size, height
+        if depth + height - 1 > MAX_DEPTH:
+            raise _Refused(None, None, f"aliases nest values deeper than {MAX_DEPTH} levels; a recipe nests 7",
+                           node.start_mark)
+        return size, height
+
+    walk(root, 1)
+
+
 def read_yaml(path: Path) -> dict:
     source = str(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as file:  # at most one byte past the limit: /dev/zero or a huge file never fills memory
+            raw = file.read(MAX_RECIPE_BYTES + 1)
     except OSError as error:
         raise RecipeError(source, [("", f"cannot read the recipe: {error.strerror or error}")]) from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(source, [("", f"the file is larger than {MAX_RECIPE_BYTES // 1024} KiB, which no recipe "
+                                        f"comes near (imagen-video.yaml is 16 KB): is it the right file?")])
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise RecipeError(source, [("", f"cannot read the recipe: not UTF-8 text ({error.reason} at byte "
                                         f"{error.start})")]) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise RecipeError(source, [("", f"{where}invalid YAML: {_yaml_problem(error)}")]) from None
+        raise RecipeError(source, [("", _yaml_message(error))]) from None
     if not isinstance(data, dict):
         raise RecipeError(source, [("", f"a recipe is a mapping of sections, got {type(data).__name__}")])
     return data
@@ -119,14 +213,56 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError("command line", [("", f"override {text!r} has an empty key segment")])
     try:
         value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
+    except _Refused as error:
+        raise RecipeError("command line", [(key, f"value {shown(raw)}: {_yaml_problem(error)}")]) from None
     except yaml.YAMLError as error:
-        raise RecipeError("command line", [(key, f"value {raw!r} is not valid YAML: {_yaml_problem(error)}")]) from None
+        raise RecipeError("command line", [(key, f"value {shown(raw)} is not valid YAML: {_yaml_problem(error)}")]
+                          ) from None
     return path, value
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
     """The problem of a YAML error on one line (str(error) spans several, with the position)."""
-    return getattr(error, "problem", None) or " ".join(str(error).split())
+    return one_line(getattr(error, "problem", None) or str(error), MAX_PROBLEM_CHARS)
+
+
+def _yaml_message(error: yaml.YAMLError) -> str:
+    """'line L, column C: invalid YAML: PROBLEM' (or without 'invalid YAML' for a document refused as too large)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return f"{where}{'' if isinstance(error, _Refused) else 'invalid YAML: '}{_yaml_problem(error)}"
+
+
+class _Shown(reprlib.Repr):
+    """reprlib with small limits, and integers too long to print in full shown by their size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict, self.maxset = 3, 6, 6, 6, 6
+        self.maxstring, self.maxother, self.maxlong = 60, 60, 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        return number(x)
+
+
+def number(value: int | float) -> str:
+    """A number for a message: in full up to 30 digits, else its order of magnitude (str() of an integer of
+    5,000 digits raises ValueError, and would be unreadable anyway)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
+        digits = int(value.bit_length() * math.log10(2))
+        return f"{'-' if value < 0 else ''}an integer of about {digits + 1} digits"
+    return repr(value)
+
+
+def _plain(value: Any) -> str:
+    """A string as it is (cut to 200 characters), anything else as `shown`."""
+    return one_line(value, 200) if isinstance(value, str) else shown(value)
+
+
+def shown(value: Any) -> str:
+    """repr() of a value for a message, bounded however large or deep the value is (reprlib never builds the whole
+    repr of a nested list)."""
+    return _Shown().repr(value)
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:
@@ -181,13 +317,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     parent = data.get("extends")
     if parent is not None:
         if not isinstance(parent, str):
-            raise RecipeError(str(path), [("extends", "must be a path to a recipe file")])
-        parent_path = (path.parent / parent).resolve()
-        if not parent_path.is_file():
-            raise RecipeError(str(path), [("extends", f"{parent!r} is not a file (looked for {parent_path})")])
+            raise RecipeError(str(path), [("extends", f"must be a path to a recipe file (got {shown(parent)})")])
+        try:
+            parent_path = (path.parent / parent).resolve()
+            found = parent_path.is_file()
+        except (OSError, ValueError) as error:  # a name too long for the file system, a NUL byte
+            raise RecipeError(str(path), [("extends", f"{shown(parent)} is not a usable path: {one_line(error, 200)}")]
+                              ) from None
+        if not found:
+            raise RecipeError(str(path), [("extends", f"{shown(parent)} is not a file (looked for {parent_path})")])
         base = read_yaml(parent_path)
         if "extends" in base:
-            raise RecipeError(str(path), [("extends", f"{parent} itself extends {base['extends']}: at most one "
+            raise RecipeError(str(path), [("extends", f"{parent} itself extends {_plain(base['extends'])}: at most one "
                                            f"level of extends is allowed; merge them into one file")])
         data = merge(base, {k: v for k, v in data.items() if k != "extends"})
         data["extends"] = str(parent_path)
@@ -231,13 +372,13 @@ def _describe(error: dict, data: dict) -> tuple[str, str]:
         known = _fields_at(Recipe, loc[:-1])
         hint = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
         suffix = f"; did you mean {hint[0]!r}?" if hint else (f"; allowed: {', '.join(known)}" if known else "")
-        return path, f"unknown key {loc[-1]!r}{suffix}"
+        return path, f"unknown key {shown(loc[-1])}{suffix}"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] in ("missing",):
         message = "required field is missing"
     got = error.get("input")
     if error["type"].endswith("_type") or error["type"] in ("literal_error", "enum"):
-        message += f" (got {got!r})"
+        message += f" (got {shown(got)})"
     return path, message
 
 

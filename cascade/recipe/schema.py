@@ -10,15 +10,71 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic_core import core_schema
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
+
+@dataclass(frozen=True)
+class Sane:
+    """Bounds no real recipe comes near: past them a value can only be a mistake (an extra digit, a value meant
+    for another field), and a network, a loop or a seed built from it would hang or crash far from the recipe.
+    The message says so; the JSON schema carries them as minimum/maximum."""
+
+    low: float | None = None
+    high: float | None = None
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema, handler: Any) -> dict:
+        json_schema = handler(schema)
+        if self.low is not None:
+            json_schema.setdefault("minimum", self.low)
+        if self.high is not None:
+            json_schema.setdefault("maximum", self.high)
+        return json_schema
+
+    def _check(self, value: float) -> float:
+        if self.high is not None and value > self.high:
+            raise ValueError(f"{_number(value)} is beyond {_number(self.high)}, which can only be a mistake")
+        if self.low is not None and value < self.low:
+            raise ValueError(f"{_number(value)} is below {_number(self.low)}, which can only be a mistake")
+        return value
+
+
+def _number(value: float) -> str:
+    """A number for a message: in full up to 30 digits, else its order of magnitude (str() of an integer of
+    5,000 digits raises ValueError)."""
+    if isinstance(value, int) and value.bit_length() > 100:
+        return f"{'-' if value < 0 else ''}an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# The bounds: far above any real recipe (imagen-video.yaml: channels 384, 8 res blocks, 1280 pixels, 128 frames,
+# 10^6 steps, 256 sampling steps, lr 1e-4), far below where anything overflows or hangs.
+MAX_WIDTH = 2**16  # channels, attention widths, token counts, pixels, frames, batch sizes
+MAX_STEPS = 10**9  # optimizer steps and intervals counted in steps
+MAX_SAMPLING_STEPS = 100_000  # network evaluations of a sampler
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds, everywhere a recipe's seed is used
+MAX_LOGSNR = 100.0  # |log-SNR|: sigmoid(100) is 1 in float64
+MAX_GUIDANCE = 1000.0  # guidance weights (Imagen Video: up to 15)
+FVD_MIN_FRAMES = 9  # cascade.eval.fvd.FVDProtocol: I3D needs at least 9 frames (canonical 16)
+
 Probability = Annotated[float, Field(ge=0, le=1)]
+Width = Annotated[int, Field(gt=0), Sane(high=MAX_WIDTH)]
+Steps = Annotated[int, Field(gt=0), Sane(high=MAX_STEPS)]
+SamplingSteps = Annotated[int, Field(gt=0), Sane(high=MAX_SAMPLING_STEPS)]
+Seed = Annotated[int, Field(ge=0), Sane(high=MAX_SEED)]
+LearningRate = Annotated[float, Field(gt=0), Sane(high=1.0)]
+"""Adam's step moves each weight by about lr: 1 or more destroys any network."""
+LogSNR = Annotated[float, Sane(low=-MAX_LOGSNR, high=MAX_LOGSNR)]
+GuidanceWeight = Annotated[float, Field(ge=0), Sane(high=MAX_GUIDANCE)]
+Name = Annotated[str, Field(max_length=255)]  # a file name's limit
+PathText = Annotated[str, Field(max_length=4096)]  # a path's limit
 
 
 class Strict(BaseModel):
@@ -27,14 +83,14 @@ class Strict(BaseModel):
 
 
 class TextEncoder(Strict):
-    path: str = "google/t5-v1_1-xxl"
+    path: PathText = "google/t5-v1_1-xxl"
     """Local folder (a `save_pretrained` layout) or hub id of the frozen T5 encoder; the hub only where
     the machine has internet."""
-    max_tokens: PositiveInt = 128
+    max_tokens: Width = 128
     """Captions are tokenized to at most this many tokens; padding is masked."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Dtype the encoder runs in."""
-    dim: PositiveInt = 4096
+    dim: Width = 4096
     """Width of the encoder's token embeddings (4096 for T5-XXL); the U-Nets' text input width."""
     build_tiny: bool = False
     """`cascade run` builds a tiny random T5 of width `dim` at `path` (its tokenizer trained on the dataset's
@@ -42,11 +98,11 @@ class TextEncoder(Strict):
 
 
 class UNet(Strict):
-    channels: PositiveInt
+    channels: Width
     """Width of the outermost level; level i has channels * channel_mults[i]."""
-    channel_mults: list[PositiveInt] = Field(min_length=1)
+    channel_mults: list[Annotated[int, Field(gt=0), Sane(high=64)]] = Field(min_length=1, max_length=16)
     """Width multiplier per level, outermost first. The video is downsampled 2x between levels."""
-    num_res_blocks: list[PositiveInt]
+    num_res_blocks: list[Annotated[int, Field(gt=0), Sane(high=256)]]
     """Space-time units per level on each path (Efficient U-Net: more at low resolution)."""
     spatial_attention: list[bool]
     """Per-frame spatial self-attention per level."""
@@ -54,13 +110,13 @@ class UNet(Strict):
     """Cross-attention to the T5 token embeddings per level."""
     temporal: list[Literal["attention", "conv", "none"]]
     """Temporal layer per level: attention (base stage) or convolution (super-resolution stages)."""
-    head_dim: PositiveInt = 64
+    head_dim: Width = 64
     """Channels per attention head."""
-    context_dim: PositiveInt | None = None
+    context_dim: Width | None = None
     """Width the text tokens are projected to once; default: the innermost level's width."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Dropout inside residual blocks."""
-    max_temporal_distance: PositiveInt = 32
+    max_temporal_distance: Width = 32
     """Relative temporal positions are clipped at this distance in the attention bias."""
     checkpointing: bool = False
     """Activation checkpointing per block: less memory, one more forward pass per step."""
@@ -92,11 +148,11 @@ class UNet(Strict):
 class Schedule(Strict):
     kind: Literal["cosine"] = "cosine"
     """Continuous-time cosine log-SNR schedule, clipped (VDM, PD)."""
-    logsnr_min: float = -20.0
+    logsnr_min: LogSNR = -20.0
     """log-SNR at t = 1 (pure noise end)."""
-    logsnr_max: float = 20.0
+    logsnr_max: LogSNR = 20.0
     """log-SNR at t = 0 (clean end)."""
-    shift_base_resolution: PositiveInt | None = None
+    shift_base_resolution: Width | None = None
     """Resolution-shifted schedule (simple diffusion, for d x d images): log-SNR + 2 log(base / d), with d =
     sqrt(width x height) for a W x H frame (the square of the same pixel count). None: no shift."""
 
@@ -117,11 +173,11 @@ class Diffusion(Strict):
 
 
 class Augmentation(Strict):
-    logsnr_min: float = -2.0
+    logsnr_min: LogSNR = -2.0
     """Noisiest augmentation level drawn in training (log-SNR of the noise added to the low-res input)."""
-    logsnr_max: float = 20.0
+    logsnr_max: LogSNR = 20.0
     """Cleanest augmentation level drawn in training."""
-    sample_logsnr: float = 1.6
+    sample_logsnr: LogSNR = 1.6
     """Fixed level at sampling, same units (Imagen Video: SNR 3 or 5, log-SNR 1.1 or 1.6)."""
 
     @model_validator(mode="after")
@@ -135,16 +191,16 @@ class Augmentation(Strict):
 
 
 class Oscillation(Strict):
-    high: Annotated[float, Field(ge=0)] = 15.0
+    high: GuidanceWeight = 15.0
     """Weight on even steps (and during the constant phase)."""
-    low: Annotated[float, Field(ge=0)] = 1.0
+    low: GuidanceWeight = 1.0
     """Weight on odd steps after the constant phase."""
-    constant_steps: NonNegativeInt = 0
+    constant_steps: Annotated[int, Field(ge=0), Sane(high=MAX_SAMPLING_STEPS)] = 0
     """Steps at the high weight before alternating."""
 
 
 class Guidance(Strict):
-    weight: Annotated[float, Field(ge=0)] = 0.0
+    weight: GuidanceWeight = 0.0
     """Classifier-free guidance weight w in the (1+w) convention: 0 is the conditional model
     (Imagen Video's "constant w=6" is 7 in Imagen's convention)."""
     oscillate: Oscillation | None = None
@@ -158,7 +214,7 @@ class Guidance(Strict):
 class Sampler(Strict):
     kind: Literal["ddim", "ancestral", "stochastic"] = "ddim"
     """DDIM; ancestral with stochasticity gamma; or the N-step stochastic sampler for distilled models."""
-    steps: PositiveInt = 256
+    steps: SamplingSteps = 256
     """Network-evaluation steps (each doubled when guidance needs an unconditional pass)."""
     gamma: Probability = 0.3
     """Ancestral sampler: interpolation between the two posterior variances (VDM, Imagen Video §2.1)."""
@@ -167,62 +223,62 @@ class Sampler(Strict):
 class Optimizer(Strict):
     name: Literal["adamw", "adam"] = "adamw"
     betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = [0.9, 0.99]
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    eps: PositiveFloat = 1e-8
+    weight_decay: Annotated[float, Field(ge=0), Sane(high=100.0)] = 0.0
+    eps: Annotated[float, Field(gt=0), Sane(high=1.0)] = 1e-8
 
 
 class LRSchedule(Strict):
     kind: Literal["constant", "cosine", "linear"] = "constant"
     """After warm-up: constant, cosine decay or linear decay to min_lr_ratio * lr at max_steps."""
-    warmup_steps: NonNegativeInt = 0
+    warmup_steps: Annotated[int, Field(ge=0), Sane(high=MAX_STEPS)] = 0
     min_lr_ratio: Probability = 0.0
 
 
 class Size(Strict):
-    width: PositiveInt
-    height: PositiveInt
+    width: Width
+    height: Width
 
 
 class Train(Strict):
-    batch_size: PositiveInt
+    batch_size: Width
     """Videos per device per step."""
-    lr: PositiveFloat = 1e-4
+    lr: LearningRate = 1e-4
     optimizer: Optimizer = Optimizer()
     lr_schedule: LRSchedule = LRSchedule()
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.9999
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "bf16-mixed"
-    max_steps: PositiveInt
-    grad_clip: PositiveFloat | None = 1.0
+    max_steps: Steps
+    grad_clip: Annotated[float, Field(gt=0), Sane(high=1e9)] | None = 1.0
     """Clip the global gradient norm to this value; None disables clipping."""
-    accumulate_grad_batches: PositiveInt = 1
-    checkpoint_every: PositiveInt = 1000
+    accumulate_grad_batches: Width = 1
+    checkpoint_every: Steps = 1000
     """Optimizer steps between checkpoints."""
-    keep_checkpoints: PositiveInt = 3
+    keep_checkpoints: Annotated[int, Field(gt=0), Sane(high=10**6)] = 3
     """The last K step checkpoints are kept, plus `last`."""
     image_fraction: Probability = 0.0
     """Share of samples that are still images (one-frame videos) in joint image-video training."""
     crop: Size | None = None
     """Train on random crops of this size (fully convolutional super-resolution stages); sample at full size."""
-    crop_frames: PositiveInt | None = None
+    crop_frames: Width | None = None
     """Train on random windows of this many consecutive frames (super-resolution stages whose temporal layers are
     convolutions: their normalization is per frame, so a window changes only the ends); sample at full length."""
     clip_start: Literal["random", "first"] = "random"
     """Where a training clip starts in a longer video: a random frame (temporal-crop augmentation), or the first
     frame, so frame 0 is always the video's start. In the tiny recipe the base learns the direction of motion
     from "first" clips and not from random ones (the sign of the motion stayed at chance after 2000 steps)."""
-    seed: int = 0
-    max_nonfinite: PositiveInt = 20
+    seed: Seed = 0
+    max_nonfinite: Steps = 20
     """A step with a non-finite loss is skipped and counted; this many in a row stop the run."""
     deterministic: bool = False
     """Deterministic algorithms (bitwise-reproducible resume on CPU; slower on GPU)."""
 
 
 class GuidanceDistill(Strict):
-    w_min: Annotated[float, Field(ge=0)] = 0.0
-    w_max: Annotated[float, Field(ge=0)] = 4.0
+    w_min: GuidanceWeight = 0.0
+    w_max: GuidanceWeight = 4.0
     """Guidance weights drawn uniformly in [w_min, w_max] (Meng et al. 2023 use [0, 4])."""
-    max_steps: PositiveInt = 50_000
-    lr: PositiveFloat = 1e-4
+    max_steps: Steps = 50_000
+    lr: LearningRate = 1e-4
 
     @model_validator(mode="after")
     def _ordered(self) -> GuidanceDistill:
@@ -232,13 +288,13 @@ class GuidanceDistill(Strict):
 
 
 class ProgressiveDistill(Strict):
-    start_steps: PositiveInt = 256
+    start_steps: SamplingSteps = 256
     """Sampling steps of the first teacher (Imagen Video: 256 base, 128 super-resolution)."""
-    end_steps: PositiveInt = 8
+    end_steps: SamplingSteps = 8
     """Sampling steps of the final student; the steps halve each round."""
-    steps_per_round: PositiveInt = 50_000
+    steps_per_round: Steps = 50_000
     """Optimizer steps per halving (Salimans & Ho: 50k)."""
-    lr: PositiveFloat = 1e-4
+    lr: LearningRate = 1e-4
     loss_weighting: Literal["snr+1", "truncated_snr"] = "truncated_snr"
 
     @model_validator(mode="after")
@@ -263,32 +319,32 @@ class Distill(Strict):
 class Launch(Strict):
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     """Where a local run trains; SLURM runs use the GPUs they are given."""
-    nodes: PositiveInt = 1
-    gpus_per_node: PositiveInt = 8
+    nodes: Annotated[int, Field(gt=0), Sane(high=100_000)] = 1
+    gpus_per_node: Annotated[int, Field(gt=0), Sane(high=1024)] = 8
     """Devices (processes) per node: GPUs, or CPU processes with accelerator cpu."""
-    cpus_per_task: PositiveInt = 8
-    time: str = "48:00:00"
+    cpus_per_task: Width = 8
+    time: Annotated[str, Field(max_length=32)] = "48:00:00"
     """SLURM time limit, [D-]HH:MM:SS."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
     @model_validator(mode="after")
     def _time_format(self) -> Launch:
-        if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}:\d{2}", self.time):
+        if not re.fullmatch(r"(\d{1,4}-)?\d{1,3}:\d{2}:\d{2}", self.time):
             raise ValueError(f"time {self.time!r} is not [D-]HH:MM:SS")
         return self
 
 
 class Stage(Strict):
-    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
     """Unique name, used in overrides (stages.NAME.train.lr=...) and on the command line."""
     kind: Literal["base", "tsr", "ssr"]
     """base: text to video; tsr: temporal super-resolution; ssr: spatial super-resolution."""
-    input: str | None = None
+    input: Name | None = None
     """Name of the earlier stage whose output this stage refines; none for the base stage."""
-    frames: PositiveInt
-    width: PositiveInt
-    height: PositiveInt
-    fps: PositiveFloat
+    frames: Width
+    width: Width
+    height: Width
+    fps: Annotated[float, Field(gt=0), Sane(high=10_000.0)]
     unet: UNet
     diffusion: Diffusion = Diffusion()
     augmentation: Augmentation | None = None
@@ -303,23 +359,24 @@ class Stage(Strict):
 class Data(Strict):
     kind: Literal["synthetic", "shards"] = "synthetic"
     """synthetic: the built-in generated dataset, written to `root`; shards: a dataset folder at `shards`."""
-    shards: str | None = None
+    shards: PathText | None = None
     """Folder of webdataset shards with its manifest.json (built by `cascade data videos|images|synth`)."""
-    root: str = "data/synthetic"
+    root: PathText = "data/synthetic"
     """Where the synthetic dataset is written."""
-    count: PositiveInt = 1000
+    count: Annotated[int, Field(gt=0), Sane(high=10**9)] = 1000
     """Synthetic videos to generate."""
-    images: NonNegativeInt = 0
+    images: Annotated[int, Field(ge=0), Sane(high=10**9)] = 0
     """Synthetic still images to generate as well (joint image-video training)."""
-    seed: int = 0
-    num_workers: NonNegativeInt = 4
+    seed: Annotated[int, Field(ge=0), Sane(high=MAX_SEED - 1)] = 0
+    """The held-out evaluation split uses seed + 1."""
+    num_workers: Annotated[int, Field(ge=0), Sane(high=1024)] = 4
     """DataLoader worker processes per rank."""
-    embeddings: str | None = None
+    embeddings: PathText | None = None
     """T5 embedding cache folder; None: DATASET/embeddings. Without a cache captions are encoded on the fly."""
     max_bad_fraction: Probability | None = 0.01
     """Stop the run when more than this share of the last `bad_window` samples were bad; None: never."""
-    bad_window: PositiveInt = 1000
-    decode_cache_mb: NonNegativeInt = 0
+    bad_window: Steps = 1000
+    decode_cache_mb: Annotated[int, Field(ge=0), Sane(high=2**24)] = 0
     """Per DataLoader worker: keep decoded videos (every frame, at the stage's size) in memory, up to this many MiB,
     least recently used dropped first, so later epochs cut their clips without decoding. For datasets that fit
     (the tiny demo: 512 videos); the clips are the same either way. 0: decode every sample every time."""
@@ -332,60 +389,61 @@ class Data(Strict):
 
 
 class Eval(Strict):
-    num_videos: PositiveInt = 2048
-    steps: list[PositiveInt] = [8, 16, 64, 256]
-    guidance: list[Annotated[float, Field(ge=0)]] = [0.0, 2.0, 6.0]
-    aug_logsnr: list[float] = [1.1, 1.6]
-    metrics: list[Literal["fvd", "clipsim", "probes"]] = ["fvd", "clipsim"]
-    clip_path: str | None = None
+    num_videos: Annotated[int, Field(gt=0), Sane(high=10**8)] = 2048
+    steps: list[SamplingSteps] = Field(default=[8, 16, 64, 256], max_length=64)
+    guidance: list[GuidanceWeight] = Field(default=[0.0, 2.0, 6.0], max_length=64)
+    aug_logsnr: list[LogSNR] = Field(default=[1.1, 1.6], max_length=64)
+    metrics: list[Literal["fvd", "clipsim", "probes"]] = Field(default=["fvd", "clipsim"], max_length=8)
+    clip_path: PathText | None = None
     """Local CLIP folder for CLIPSIM."""
-    frames: PositiveInt = 16
-    """Frames per video fed to I3D for FVD (stages with fewer frames get no FVD)."""
-    data: str | None = None
+    frames: Width = 16
+    """Frames per video fed to I3D for FVD (stages with fewer frames get no FVD); at least 9 when FVD is among the
+    metrics (the I3D protocol's minimum)."""
+    data: PathText | None = None
     """Folder of shards to evaluate on. None: for a synthetic recipe, a generated split of held-out caption
     combinations; for real data, the training shards (the report says so)."""
-    batch_size: PositiveInt = 8
+    batch_size: Width = 8
     """Videos sampled together during evaluation."""
-    modes: list[Literal["gt", "cascade"]] = Field(default=["gt", "cascade"], min_length=1)
+    modes: list[Literal["gt", "cascade"]] = Field(default=["gt", "cascade"], min_length=1, max_length=8)
     """Inputs of the super-resolution stages: gt (the ground truth at the input stage's resolution: the stage
     alone) and/or cascade (the previous stages' samples: the cascade as used)."""
 
 
 class Wandb(Strict):
-    project: str
-    entity: str | None = None
+    project: Name
+    entity: Name | None = None
     mode: Literal["offline", "online"] = "offline"
     """offline unless the machine is set up for wandb (`wandb login`)."""
 
 
 class Logging(Strict):
-    every_n_steps: PositiveInt = 10
+    every_n_steps: Steps = 10
     """Scalars (loss, loss per log-SNR bucket, learning rate, gradient norm, videos/s) every N steps."""
-    sample_every: PositiveInt | None = 1000
+    sample_every: Steps | None = 1000
     """Sample videos from the EMA model every N steps (mp4 in the run folder, and wandb); None: never."""
-    sample_steps: PositiveInt = 16
+    sample_steps: SamplingSteps = 16
     """Sampler steps for those periodic samples."""
-    sample_count: PositiveInt = 2
+    sample_count: Width = 2
     wandb: Wandb | None = None
     """wandb logging; CSV logs are always written."""
 
 
 class Cluster(Strict):
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    signal_seconds: PositiveInt = 300
+    partition: Name | None = None
+    account: Name | None = None
+    qos: Name | None = None
+    signal_seconds: Annotated[int, Field(gt=0), Sane(high=10**7)] = 300
     """SIGUSR1 this many seconds before the time limit (checkpoint, then requeue)."""
 
 
 class Recipe(Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=255)]
     """Run name; the run folder is runs/NAME unless run_dir says otherwise."""
-    extends: str | None = None
+    extends: PathText | None = None
     """A recipe file this one overrides (at most one level); resolved at load time."""
-    run_dir: str | None = None
+    run_dir: PathText | None = None
     text_encoder: TextEncoder = TextEncoder()
-    stages: list[Stage] = Field(min_length=1)
+    stages: list[Stage] = Field(min_length=1, max_length=64)
     """The cascade in sampling order: a base stage, then super-resolution stages."""
     data: Data = Data()
     eval: Eval = Eval()
