@@ -23,6 +23,7 @@ import re
 import sys
 import tarfile
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,7 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cascade.data.loader import scan_tar, split_member_name
 from cascade.data.shards import Manifest, caption_key
+from cascade.errors import UserError, one_line
 
 FORMAT = "cascade-t5-embeddings/1"
 PART_PATTERN = "part-{part:05d}-of-{parts:05d}.safetensors"
@@ -40,8 +43,9 @@ ENCODER_DTYPES = ("float32", "bfloat16", "float16")
 BUILD_HINT = "build it with `cascade data embed --shards DATASET --encoder T5_FOLDER`"
 
 
-class CacheError(ValueError):
-    """The cache folder as a whole is unusable: missing or mixed parts, a file that is not a cache part."""
+class CacheError(UserError, ValueError):
+    """The cache folder as a whole is unusable: missing or mixed parts, a file that is not a cache part, a cache
+    built for another max_tokens or encoder. One line at the command line (exit status 2)."""
 
 
 class CacheEntryError(CacheError):
@@ -57,24 +61,68 @@ class EmbeddingCacheWarning(UserWarning):
 
 def iter_captions(folder: str | Path, part: int = 0, parts: int = 1, manifest: Manifest | None = None,
                   errors: list | None = None) -> Iterator[str]:
-    """The captions (`KEY.txt`, UTF-8) of the shards with index i % parts == part, in shard order. Only the
-    caption members are read from each tar. Undecodable captions are skipped and appended to `errors`."""
+    """The captions of the shards with index i % parts == part, in shard order, as the loader reads them: each
+    sample's `KEY.txt`, UTF-8, stripped; only the caption members are read. What is left out is appended to
+    `errors` as dict(shard, member, reason, detail): a caption that is not UTF-8 or empty, a sample whose member
+    names are absolute or climb out of the tar (`unsafe_member_name`), and a truncated or unreadable tar
+    (`damaged_shard`, whose complete samples' captions are still read, as the loader reads them)."""
     folder = Path(folder)
     manifest = Manifest.read(folder) if manifest is None else manifest
+    errors = [] if errors is None else errors
     for index, shard in enumerate(manifest.shards):
         if index % parts != part:
             continue
-        with tarfile.open(folder / shard["path"]) as tar:
-            for member in tar:
-                # webdataset's split: the key runs to the first dot of the file name, the rest is the field
-                name = member.name.rsplit("/", 1)[-1]
-                if not member.isfile() or "." not in name or name.split(".", 1)[1].lower() != "txt":
+        path = folder / shard["path"]
+        tar = scan_tar(path)
+        if tar.problem:
+            errors.append(dict(shard=shard["path"], member=None, reason="damaged_shard", detail=tar.problem,
+                               complete=len(tar.samples)))
+        unsafe: dict[str, str] = {}
+        for name in tar.unsafe:  # one entry per sample, named by its first member
+            unsafe.setdefault(split_member_name(name)[0], name)
+        errors += [dict(shard=shard["path"], member=name, reason="unsafe_member_name", detail="")
+                   for name in unsafe.values()]
+        captions = [(key, members["txt"]) for key, members in tar.samples if "txt" in members]
+        if not captions:
+            continue
+        with open(path, "rb") as file:
+            for key, member in captions:
+                file.seek(member.offset_data)
+                data = file.read(member.size)
+                if len(data) != member.size:
+                    errors.append(dict(shard=shard["path"], member=member.name, reason="truncated_member",
+                                       detail=f"{len(data)} of {member.size} bytes"))
                     continue
                 try:
-                    yield tar.extractfile(member).read().decode("utf-8")
+                    caption = data.decode("utf-8").strip()
                 except UnicodeDecodeError as error:
-                    if errors is not None:
-                        errors.append(dict(shard=shard["path"], member=member.name, reason=f"caption: {error}"))
+                    errors.append(dict(shard=shard["path"], member=member.name, reason="caption_not_utf8",
+                                       detail=str(error)))
+                    continue
+                if not caption:
+                    errors.append(dict(shard=shard["path"], member=member.name, reason="empty_caption", detail=""))
+                    continue
+                yield caption
+
+
+def describe_errors(errors: list[dict], limit: int = 10) -> list[str]:
+    """One line per damaged shard, and per shard the samples left out for unsafe member names or their caption;
+    at most `limit` lines (the last says how many more)."""
+    lines, by_shard = [], {}
+    for error in errors:
+        if error["reason"] == "damaged_shard":
+            lines.append(f"{error['shard']}: {error['detail']}; read the captions of its {error['complete']} "
+                         f"complete samples")
+        else:
+            by_shard.setdefault(error["shard"], []).append(error)
+    for shard, found in by_shard.items():
+        reasons = Counter(e["reason"] for e in found)
+        first = next(e["member"] for e in found)
+        lines.append(f"{shard}: left out {len(found)} samples ("
+                     + ", ".join(f"{reason} {n}" for reason, n in reasons.most_common()) + f"; first: {first!r})")
+    if len(lines) > limit:
+        lines = lines[:limit - 1] + [f"... and {len(lines) - limit + 1} more shards (see the part's metadata)"]
+    return [one_line(line, 500) for line in lines]
 
 
 def encoder_folder(encoder: str | Path) -> Path:
@@ -102,6 +150,43 @@ def encoder_fingerprint(encoder: str | Path) -> str:
         with open(path, "rb") as f:
             digest.update(f"{path.name}\0{path.stat().st_size}\0".encode() + f.read(1 << 20))
     return digest.hexdigest()[:32]
+
+
+# --- what tokenization loses
+
+
+def unknown_pieces(tokenizer, text: str, known: dict[str, bool]) -> list[str]:
+    """The characters of `text` the tokenizer maps to its unknown token (each tokenized alone; `known` caches the
+    answer per character across calls)."""
+    unk, found = tokenizer.unk_token_id, []
+    for char in dict.fromkeys(text):
+        if char.isspace():
+            continue
+        if char not in known:
+            known[char] = unk not in tokenizer(char, add_special_tokens=False, verbose=False)["input_ids"]
+        if not known[char]:
+            found.append(char)
+    return found
+
+
+def token_report(tokenizer, texts: list[str], max_tokens: int | None, batch_size: int = 1024,
+                 ) -> tuple[np.ndarray, dict]:
+    """Tokenize captions in full: -> (tokens of each caption, end of sequence included, before truncation: (N,)
+    int64; dict(truncated: captions longer than max_tokens, longest_tokens, unknown_captions: captions holding the
+    unknown token, unknown_pieces: [(character, captions holding it)] commonest first, at most 10))."""
+    unk = tokenizer.unk_token_id
+    full, pieces, known, unknown = [], Counter(), {}, 0
+    for first in range(0, len(texts), batch_size):
+        chunk = texts[first:first + batch_size]
+        for text, ids in zip(chunk, tokenizer(chunk, verbose=False)["input_ids"]):
+            full.append(len(ids))
+            if unk is not None and unk in ids:
+                unknown += 1
+                pieces.update(unknown_pieces(tokenizer, text, known))
+    full = np.array(full, dtype=np.int64)
+    return full, dict(truncated=int((full > max_tokens).sum()) if max_tokens else 0,
+                      longest_tokens=int(full.max()) if len(full) else 0, unknown_captions=unknown,
+                      unknown_pieces=pieces.most_common(10))
 
 
 # --- writing
@@ -176,9 +261,13 @@ def embed_shards(shards: str | Path, encoder: str | Path, max_tokens: int = 128,
     for caption in iter_captions(shards, part, parts, manifest, errors):
         samples += 1
         captions.setdefault(caption_key(caption), caption)
+    if not captions and errors:
+        raise UserError(f"{shards}: no caption could be read from part {part} of {parts}; "
+                        f"{describe_errors(errors)[0]}")
     keys = np.array([np.frombuffer(bytes.fromhex(k), dtype=np.uint8) for k in captions], dtype=np.uint8)
     keys, texts = keys.reshape(-1, 16), list(captions.values())
-    lengths = t5.lengths(texts).numpy().astype(np.int32) if texts else np.zeros(0, np.int32)
+    full, stats = token_report(t5.tokenizer, texts, max_tokens)
+    lengths = np.minimum(full, max_tokens).astype(np.int32)  # T5 truncation keeps the end of sequence
 
     def chunks() -> Iterator[Tensor]:
         bar = tqdm(total=len(texts), desc=f"embed part {part + 1}/{parts}", unit="caption", disable=not progress)
@@ -200,9 +289,41 @@ def embed_shards(shards: str | Path, encoder: str | Path, max_tokens: int = 128,
     metadata = dict(format=FORMAT, encoder=str(encoder), fingerprint=fingerprint, max_tokens=str(max_tokens),
                     dim=str(t5.dim), dtype=dtype, captions=str(len(texts)), tokens=str(int(lengths.sum())),
                     part=str(part), parts=str(parts), samples=str(samples), duplicates=str(samples - len(texts)),
-                    skipped=str(len(errors)), dataset=str(shards))
+                    skipped=str(len(errors)), dataset=str(shards),
+                    skipped_by_reason=json.dumps(dict(Counter(e["reason"] for e in errors))),
+                    problems=json.dumps(describe_errors(errors)), truncated=str(stats["truncated"]),
+                    longest_tokens=str(stats["longest_tokens"]), unknown_captions=str(stats["unknown_captions"]),
+                    unknown_pieces=json.dumps(stats["unknown_pieces"], ensure_ascii=False))
     _write_part(path, keys, lengths, t5.dim, chunks(), metadata)
     return path
+
+
+def describe_part(path: str | Path) -> tuple[str, list[str]]:
+    """What `embed_shards` wrote, from the part's metadata: (a summary line, warnings: damaged shards and samples
+    left out, captions cut to max_tokens, captions holding pieces the tokenizer does not know)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    skipped = json.loads(meta.get("skipped_by_reason", "{}"))
+    left_out = ", ".join(f"{reason} {n}" for reason, n in skipped.items())
+    summary = (f"wrote {path}: {meta['captions']} captions ({meta['duplicates']} duplicates) from {meta['samples']} "
+               f"samples, {meta['tokens']} tokens x {meta['dim']}, {path.stat().st_size / 2**20:.1f} MiB"
+               + (f"; left out {meta['skipped']} samples ({left_out})" if skipped else ""))
+    warns = list(json.loads(meta.get("problems", "[]")))
+    captions, max_tokens = int(meta["captions"]), meta["max_tokens"]
+    if int(meta.get("truncated", 0)):
+        warns.append(f"{meta['truncated']} of {captions} captions are longer than --max-tokens {max_tokens} and were "
+                     f"cut (the longest has {meta['longest_tokens']} tokens); a larger text_encoder.max_tokens (and "
+                     f"--max-tokens) keeps them whole")
+    if int(meta.get("unknown_captions", 0)):
+        pieces = json.loads(meta.get("unknown_pieces", "[]"))
+        listing = ", ".join(f"{piece!r} in {n}" for piece, n in pieces)
+        warns.append(f"{meta['unknown_captions']} of {captions} captions hold characters the tokenizer does not know "
+                     f"(encoded as its unknown token)" + (f": {listing}" if listing else "")
+                     + "; a tokenizer trained on these captions (`cascade data tiny-t5`) would know them")
+    return summary, warns
 
 
 # --- the cache
@@ -306,6 +427,15 @@ class EmbeddingCache:
         self._unique = int(first.sum())
         self._files: dict[int, object] = {}
 
+    def wrong_max_tokens(self, wanted: int, who: str = "text_encoder.max_tokens is") -> str:
+        """The message for a cache used with another max_tokens: the file, both values, the command to rebuild."""
+        meta, parts = self.metadata[0], len(self.paths)
+        command = (f"cascade data embed --shards {meta.get('dataset', 'DATASET')} --encoder "
+                   f"{meta.get('encoder') or 'T5_FOLDER'} --max-tokens {wanted} --out {self.folder}")
+        each = f" --part P --parts {parts}` for each P in 0..{parts - 1}" if parts > 1 else "`"
+        return (f"{self.paths[0]}: embedding cache built with max_tokens {self.max_tokens}, but {who} {wanted} "
+                f"(truncation changes every embedding); rebuild it: `{command}{each}")
+
     def __len__(self) -> int:
         """Distinct captions."""
         return self._unique
@@ -351,8 +481,7 @@ class EmbeddingCache:
         embedding of a caption); a caption not in the cache is a KeyError."""
         max_tokens = self.max_tokens if max_tokens is None else max_tokens
         if max_tokens != self.max_tokens:
-            raise ValueError(f"{self.folder}: built with max_tokens {self.max_tokens}, asked for {max_tokens}; "
-                             f"rebuild the cache with --max-tokens {max_tokens}")
+            raise CacheError(self.wrong_max_tokens(max_tokens, "asked for"))
         entries = []
         for caption in captions:
             entry = self.get(caption)
@@ -411,8 +540,7 @@ class TextSource:
             if self.folder is not None and self.folder.is_dir() and any(self.folder.glob("part-*-of-*.safetensors")):
                 cache = EmbeddingCache(self.folder)  # a broken cache is an error, not a reason to fall back
                 if cache.max_tokens != self.max_tokens:
-                    raise CacheError(f"{self.folder}: built with max_tokens {cache.max_tokens}, the text encoder "
-                                     f"uses {self.max_tokens}; rebuild it with --max-tokens {self.max_tokens}")
+                    raise CacheError(cache.wrong_max_tokens(self.max_tokens))
                 if self.fingerprint is not None and cache.fingerprint != self.fingerprint:
                     raise CacheError(f"{self.folder}: built with another text encoder (fingerprint "
                                      f"{cache.fingerprint}, expected {self.fingerprint}); rebuild it")
@@ -422,6 +550,11 @@ class TextSource:
                 _warn_once("no-cache", f"no T5 embedding cache {where}: captions are encoded on the fly (slow, and "
                                        f"the encoder stays in memory); {BUILD_HINT}")
         return self._cache
+
+    def open(self) -> TextSource:
+        """Open the cache now (it opens on first use otherwise): CacheError if it is unusable as a whole."""
+        _ = self.cache
+        return self
 
     def _encode(self, captions: list[str]) -> list[Tensor]:
         if self._encoder is None:
@@ -460,26 +593,106 @@ def _fail(error: Exception) -> int:
     return 2
 
 
+def load_t5_tokenizer(path: str | Path):
+    """A T5 tokenizer from a sentencepiece `.model` file or a folder `T5TokenizerFast` (or `T5Tokenizer`) loads
+    offline. UserError naming the path when it is neither."""
+    import shutil
+    import tempfile
+
+    from transformers import T5Tokenizer, T5TokenizerFast
+
+    path = Path(path)
+    if path.is_file():
+        with tempfile.TemporaryDirectory() as tmp:  # from_pretrained converts spiece.model (see build_tiny_t5)
+            shutil.copyfile(path, Path(tmp) / "spiece.model")
+            try:
+                tokenizer = T5Tokenizer.from_pretrained(tmp, model_max_length=512)
+            except Exception as error:  # sentencepiece refuses the file: RuntimeError, OSError, a protobuf error
+                raise UserError(f"--tokenizer {path}: not a sentencepiece model ({one_line(error, 200)})") from None
+    elif path.is_dir():
+        tokenizer = None
+        for kind in (T5TokenizerFast, T5Tokenizer):
+            try:
+                tokenizer = kind.from_pretrained(str(path), local_files_only=True)
+                break
+            except Exception as error:  # missing or unreadable files: OSError, ValueError, TypeError
+                problem = one_line(error, 200)
+        if tokenizer is None:
+            raise UserError(f"--tokenizer {path}: no T5 tokenizer in this folder (spiece.model or tokenizer.json): "
+                            f"{problem}")
+    else:
+        raise UserError(f"--tokenizer {path}: no such file or folder")
+    for role in ("pad", "eos", "unk"):
+        if getattr(tokenizer, f"{role}_token_id") is None:
+            raise UserError(f"--tokenizer {path}: the tokenizer has no {role} token, which T5 needs")
+    return tokenizer
+
+
+def build_tiny_t5_from_tokenizer(folder: str | Path, tokenizer, dim: int = 64, layers: int = 2, heads: int = 4,
+                                 seed: int = 0) -> Path:
+    """A randomly initialised tiny T5 over an existing tokenizer's vocabulary, saved like `build_tiny_t5` saves
+    one (config.json, model.safetensors and the tokenizer's files)."""
+    from transformers import T5Config, T5EncoderModel
+
+    if dim % heads:
+        raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in ("spiece.model", "tokenizer.json"):  # a tokenizer left in `folder` must not shadow this one
+        (folder / stale).unlink(missing_ok=True)
+    config = T5Config(vocab_size=len(tokenizer), d_model=dim, d_kv=dim // heads, d_ff=2 * dim, num_layers=layers,
+                      num_heads=heads, feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    T5EncoderModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def tiny_t5_command(args) -> int:
-    """`cascade data tiny-t5`: a tiny T5 whose tokenizer is trained on the dataset's captions."""
+    """`cascade data tiny-t5`: a tiny T5 whose tokenizer is trained on the dataset's captions, or is --tokenizer."""
     from cascade.nn.text import build_tiny_t5
 
+    args.tokenizer = getattr(args, "tokenizer", None)  # the argument parser may predate --tokenizer
+    if args.tokenizer is None and args.shards is None:
+        raise UserError("cascade data tiny-t5: give --shards (a dataset whose captions train the tokenizer) or "
+                        "--tokenizer (an existing one)")
+    if args.tokenizer is not None and args.vocab_size is not None:
+        raise UserError("cascade data tiny-t5: --vocab-size sizes a tokenizer trained on --shards; with --tokenizer "
+                        "the vocabulary is that tokenizer's")
     try:
-        captions = list(iter_captions(args.shards))
-        if not captions:
-            raise ValueError(f"{args.shards}: the shards hold no captions")
-        folder = build_tiny_t5(args.out, captions, dim=args.dim, layers=args.layers, heads=args.heads,
-                               vocab_size=args.vocab_size, seed=args.seed)
+        captions = list(iter_captions(args.shards)) if args.shards is not None else []
+        if args.tokenizer is not None:
+            tokenizer = load_t5_tokenizer(args.tokenizer)
+            folder = build_tiny_t5_from_tokenizer(args.out, tokenizer, dim=args.dim, layers=args.layers,
+                                                  heads=args.heads, seed=args.seed)
+        else:
+            if not captions:
+                raise ValueError(f"{args.shards}: the shards hold no captions")
+            folder = build_tiny_t5(args.out, captions, dim=args.dim, layers=args.layers, heads=args.heads,
+                                   vocab_size=args.vocab_size or 256, seed=args.seed)
     except (FileNotFoundError, ValueError) as error:
         return _fail(error)
     config = json.loads((folder / "config.json").read_text())
+    source = (f"tokenizer {args.tokenizer}" if args.tokenizer is not None else
+              f"tokenizer trained on {len(captions)} captions")
     print(f"wrote {folder}: tiny T5 encoder, dim {args.dim}, {args.layers} layers, {args.heads} heads, vocabulary "
-          f"{config['vocab_size']} (100 of them T5 sentinels), tokenizer trained on {len(captions)} captions")
+          f"{config['vocab_size']}, {source}")
+    if args.tokenizer is not None and captions:
+        from transformers import AutoTokenizer
+
+        saved = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        _, stats = token_report(saved, list(dict.fromkeys(captions)), None)
+        if stats["unknown_captions"]:
+            listing = ", ".join(f"{piece!r} in {n}" for piece, n in stats["unknown_pieces"])
+            print(f"warning: {stats['unknown_captions']} of {len(set(captions))} captions of {args.shards} hold "
+                  f"characters the tokenizer does not know: {listing}", file=sys.stderr)
     return 0
 
 
 def embed_command(args) -> int:
-    """`cascade data embed`: one part of the embedding cache."""
+    """`cascade data embed`: one part of the embedding cache; warnings for damaged shards, samples left out,
+    captions cut to --max-tokens and captions with characters the tokenizer does not know."""
     import time
 
     start = time.perf_counter()
@@ -488,11 +701,8 @@ def embed_command(args) -> int:
                             part=args.part, parts=args.parts, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError) as error:
         return _fail(error)
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    print(f"wrote {path}: {meta['captions']} captions ({meta['duplicates']} duplicates, {meta['skipped']} "
-          f"undecodable skipped) from {meta['samples']} samples, {meta['tokens']} tokens x {meta['dim']}, "
-          f"{path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s")
+    summary, warns = describe_part(path)
+    print(f"{summary}, {time.perf_counter() - start:.1f} s")
+    for line in warns:
+        print(f"warning: {line}", file=sys.stderr)
     return 0

@@ -109,7 +109,10 @@ def scan_tar(path: str | Path) -> TarIndex:
                 except (tarfile.ReadError, EOFError, OSError) as error:
                     problem = f"truncated or corrupt tar ({error})"
                     break
-                if member is None:
+                if member is None:  # tarfile also ends here, silently, at a cut or garbled header
+                    tar.fileobj.seek(tar.offset)
+                    if tar.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+                        problem = f"truncated or corrupt tar (no end-of-archive block at byte {tar.offset})"
                     break
                 if not member.isfile():
                     continue
@@ -235,6 +238,8 @@ class StageDataset(IterableDataset):
                              self.config.rank * workers + state.role, roles)
         span = self.budget_span(roles)
         encode = self.text_source() if self.text_source is not None else None
+        if hasattr(encode, "open"):
+            encode.open()  # a cache unusable as a whole (another max_tokens, encoder) stops the run before any work
         cache = FrameCache(self.config.decode_cache_bytes) if self.config.decode_cache_bytes > 0 else None
         recent: deque = deque(maxlen=self.config.window)
         batch: list[dict] = []

@@ -1,5 +1,6 @@
 """The tiny T5 (sentencepiece tokenizer trained on a dataset's captions) and the T5 embedding cache."""
 
+import functools
 import pickle
 import shutil
 import warnings
@@ -281,3 +282,177 @@ def test_text_source_uses_the_cache_or_encodes_once_warned(cache_dir, t5, encode
         TextSource(cache_dir, factory, 32)(UNIQUE)
     with pytest.raises(CacheError, match="another text encoder"):
         TextSource(cache_dir, factory, MAX_TOKENS, fingerprint="0" * 32)(UNIQUE)
+
+
+# --- damaged shards, unsafe member names, a cache for another max_tokens, what tokenization loses, --tokenizer
+
+
+def _copy_dataset(shards, folder):
+    return shutil.copytree(shards, folder, ignore=shutil.ignore_patterns("embeddings"))
+
+
+def warnings_of(err: str) -> list[str]:
+    """The warning lines of stderr (transformers and tqdm write progress bars there too)."""
+    return [line for line in err.splitlines() if line.startswith("warning:")]
+
+
+def test_embed_reads_the_complete_samples_of_a_truncated_shard_and_names_it(shards, t5, tmp_path, capsys):
+    """A cut tar is a warning naming the shard (its complete samples' captions are embedded, as the loader reads
+    them), not a tarfile.ReadError traceback."""
+    import tarfile
+
+    dataset = _copy_dataset(shards, tmp_path / "cut")
+    shard = dataset / "shard-000001.tar"  # CAPTIONS[2] and CAPTIONS[3]
+    with tarfile.open(shard) as tar:
+        second = next(m.offset for m in tar if m.name.startswith("000003."))
+    shard.write_bytes(shard.read_bytes()[:second + 100])  # the second sample's first header, cut
+    (dataset / "shard-000002.tar").write_bytes(b"not a tar at all")  # CAPTIONS[4] and CAPTIONS[5]
+    capsys.readouterr()
+    assert main(["data", "embed", "--shards", str(dataset), "--encoder", str(t5), "--max-tokens", str(MAX_TOKENS),
+                 "--out", str(tmp_path / "cache")]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "ReadError" not in out + err
+    lines = warnings_of(err)
+    assert len(lines) == 3, err  # the two shards, then the truncation note (LONG)
+    assert lines[0].startswith("warning: shard-000001.tar: truncated or corrupt tar (") and \
+        lines[0].endswith("read the captions of its 1 complete samples"), lines[0]
+    assert lines[1].startswith("warning: shard-000002.tar: unreadable tar (") and "its 0 complete" in lines[1]
+    cache = EmbeddingCache(tmp_path / "cache")
+    read = CAPTIONS[:3] + CAPTIONS[6:]
+    assert {c for c in UNIQUE if c in cache} == set(read) and len(cache) == len(set(read))
+    assert "damaged_shard 2" in out, out
+
+
+def test_embed_skips_and_counts_unsafe_member_names(shards, t5, tmp_path, capsys):
+    import io
+    import json
+    import tarfile
+
+    dataset = _copy_dataset(shards, tmp_path / "evil")
+    with tarfile.open(dataset / "shard-000009.tar", "w") as tar:
+        for name, caption in [("../../evil", "climbs out"), ("/etc/evil", "absolute"), ("ok", "a safe caption")]:
+            for ext, data in (("png", b"\0" * 16), ("txt", caption.encode())):
+                info = tarfile.TarInfo(f"{name}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest["shards"].append(dict(path="shard-000009.tar", samples=3))
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["data", "embed", "--shards", str(dataset), "--encoder", str(t5), "--max-tokens", str(MAX_TOKENS),
+                 "--out", str(tmp_path / "cache")]) == 0
+    out, err = capsys.readouterr()
+    assert "left out 2 samples (unsafe_member_name 2)" in out, out
+    assert "warning: shard-000009.tar: left out 2 samples (unsafe_member_name 2; first: '../../evil.png')" in err
+    cache = EmbeddingCache(tmp_path / "cache")
+    assert "a safe caption" in cache and "climbs out" not in cache and "absolute" not in cache
+
+
+def test_a_cache_built_for_another_max_tokens_is_one_line(shards, cache_dir, t5, tmp_path):
+    """In the loader (DataLoader workers included) and at the command line: the part file, both max_tokens and
+    the command that rebuilds it, in one line raised in the main process."""
+    from cascade.data.clips import ClipSpec
+    from cascade.data.loader import LoaderConfig, StageDataset, StageLoader
+    from cascade.errors import UserError
+
+    source = functools.partial(TextSource, cache_dir, encoder_factory(t5, 32), 32)
+    dataset = StageDataset(shards, ClipSpec(frames=1, width=8, height=8, fps=8), LoaderConfig(batch_size=1),
+                           text_source=source)
+    with pytest.raises(CacheError) as caught:
+        next(iter(StageLoader(dataset, num_workers=2)))
+    message = str(caught.value)
+    assert isinstance(caught.value, UserError) and caught.value.code == 2
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message, message
+    assert message == (f"{cache_dir / 'part-00000-of-00001.safetensors'}: embedding cache built with max_tokens "
+                       f"{MAX_TOKENS}, but text_encoder.max_tokens is 32 (truncation changes every embedding); "
+                       f"rebuild it: `cascade data embed --shards {shards} --encoder {t5} --max-tokens 32 --out "
+                       f"{cache_dir}`")
+    with pytest.raises(CacheError, match="but asked for 8"):
+        EmbeddingCache(cache_dir).batch(["hi"], max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def ascii_spiece(tmp_path_factory):
+    """A sentencepiece model trained on lowercase ASCII captions only: other characters are unknown to it."""
+    path = tmp_path_factory.mktemp("spm") / "ascii.model"
+    training = ["a red circle moving left", "a blue square moving up on a white background",
+                "the green triangle bounces", "cats and dogs run quickly over the lazy fox"] * 3
+    path.write_bytes(train_sentencepiece(training, vocab_size=64, seed=0))
+    return path, {ch for c in training for ch in c if not ch.isspace()}
+
+
+def test_tiny_t5_takes_an_existing_tokenizer(ascii_spiece, t5, tmp_path, capsys):
+    from transformers import AutoTokenizer, T5Tokenizer
+
+    model, _ = ascii_spiece
+    texts = ["a red circle moving left", "un chat — 猫", "zebras graze at dawn", LONG]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(model, bare / "spiece.model")
+    given = T5Tokenizer.from_pretrained(bare)
+    assert main(["data", "tiny-t5", "--tokenizer", str(model), "--out", str(tmp_path / "a"), "--dim", "32",
+                 "--heads", "2"]) == 0
+    assert f"tokenizer {model}" in capsys.readouterr().out
+    built = AutoTokenizer.from_pretrained(tmp_path / "a", local_files_only=True)
+    assert built(texts).input_ids == given(texts).input_ids
+    encoder = FrozenT5.from_pretrained(tmp_path / "a", max_tokens=8)
+    assert encoder.dim == 32 and encoder.encoder.config.vocab_size == len(given)
+    assert encoder.encode(texts)[0].shape == (len(texts), 8, 32)
+
+    # a folder (the tiny T5 trained on the test captions): its tokenizer, not one trained anew
+    assert main(["data", "tiny-t5", "--tokenizer", str(t5), "--out", str(tmp_path / "b")]) == 0
+    original = AutoTokenizer.from_pretrained(t5, local_files_only=True)
+    assert AutoTokenizer.from_pretrained(tmp_path / "b", local_files_only=True)(texts).input_ids == \
+        original(texts).input_ids
+
+    def fails(argv, message):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error:") and message in err, err
+
+    (tmp_path / "junk.model").write_bytes(b"\x00not a model")
+    fails(["data", "tiny-t5", "--tokenizer", str(tmp_path / "junk.model"), "--out", str(tmp_path / "c")],
+          "junk.model: not a sentencepiece model")
+    fails(["data", "tiny-t5", "--tokenizer", str(model), "--vocab-size", "99", "--out", str(tmp_path / "c")],
+          "--vocab-size sizes a tokenizer trained on --shards")
+    fails(["data", "tiny-t5", "--out", str(tmp_path / "c")], "give --shards")
+
+
+def test_embed_counts_truncated_captions_and_unknown_characters(ascii_spiece, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    model, known = ascii_spiece
+    captions = ["a red circle moving left", "un cercle rouge à gauche", "cats 猫 and dogs 犬 and more 猫",
+                "naïve café circle", "a red circle", LONG, LONG + " and more", "a red circle", "le chat 猫"]
+    dataset = tmp_path / "d"
+    with ShardSink(dataset, samples_per_shard=3) as sink:
+        for i, caption in enumerate(captions):
+            sink.write(f"{i:04d}", b"\0" * 16, "png", caption, dict(kind="image", fps=0, frames=1, duration=0))
+    assert main(["data", "tiny-t5", "--tokenizer", str(model), "--shards", str(dataset), "--out",
+                 str(tmp_path / "t5")]) == 0
+    unique = list(dict.fromkeys(captions))
+    unknown = [c for c in unique if set(c) - known - {" "}]
+    assert f"warning: {len(unknown)} of {len(unique)} captions of {dataset} hold characters the tokenizer does " \
+        f"not know: '猫' in 2, 'à' in 1, '犬' in 1, 'ï' in 1, 'é' in 1" in capsys.readouterr().err
+
+    max_tokens = 8
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "t5", local_files_only=True)
+    full = [len(tokenizer(c, verbose=False).input_ids) for c in unique]
+    cut = sum(n > max_tokens for n in full)
+    assert main(["data", "embed", "--shards", str(dataset), "--encoder", str(tmp_path / "t5"), "--max-tokens",
+                 str(max_tokens), "--out", str(tmp_path / "cache")]) == 0
+    err = warnings_of(capsys.readouterr().err)
+    assert len(err) == 2 and 0 < cut < len(unique) and len(unknown) == 4
+    assert err[0] == (f"warning: {cut} of {len(unique)} captions are longer than --max-tokens {max_tokens} and were "
+                      f"cut (the longest has {max(full)} tokens); a larger text_encoder.max_tokens (and "
+                      f"--max-tokens) keeps them whole")
+    assert err[1] == (f"warning: {len(unknown)} of {len(unique)} captions hold characters the tokenizer does not "
+                      f"know (encoded as its unknown token): '猫' in 2, 'à' in 1, '犬' in 1, 'ï' in 1, 'é' in 1; "
+                      f"a tokenizer trained on these captions (`cascade data tiny-t5`) would know them")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "cache" / "part-00000-of-00001.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (int(meta["truncated"]), int(meta["longest_tokens"]), int(meta["unknown_captions"])) == \
+        (cut, max(full), len(unknown))

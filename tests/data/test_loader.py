@@ -393,6 +393,18 @@ def test_truncated_shard_is_counted_and_its_complete_samples_used(tmp_path):
     assert loader.total_bad.get("truncated_shard") == 1
     assert 0 < len(keys) < 8
 
+    # cut exactly where a member's header starts: tarfile itself ends there without a word
+    import tarfile
+
+    folder = make_dataset(tmp_path / "e", videos=8, per_shard=8)
+    shard = folder / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        third = [m.offset for m in tar if m.name.startswith("v0002.")][0]
+    shard.write_bytes(shard.read_bytes()[:third])
+    loader = StageLoader(StageDataset(folder, BASE, LoaderConfig(batch_size=1, max_bad_fraction=None, epochs=1)))
+    assert sorted(k for batch in loader for k in batch["keys"]) == ["v0000", "v0001"]
+    assert loader.total_bad == {"truncated_shard": 1}
+
 
 RESUME_SCRIPT = textwrap.dedent("""
     import json, sys, torch
