@@ -43,17 +43,16 @@ def read_attempts(path: Path) -> list[dict]:
 
 
 def _checkpoint_step(folder: Path) -> int | None:
-    from cascade.lit.train import resume_checkpoint
+    """The step a start in `folder` resumes from: that of its newest checkpoint that loads (read memory-mapped,
+    cascade.lit.runfolder.find_resume); None without one, or when none loads (the trainer reports that)."""
+    from cascade.errors import UserError
+    from cascade.lit.runfolder import find_resume
 
-    ckpt = resume_checkpoint(folder)
-    if ckpt is None:
+    try:
+        resume = find_resume(folder)
+    except UserError:
         return None
-    import torch
-
-    try:  # memory-mapped: only the step is read, not the weights
-        return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # noqa: BLE001 - an unreadable checkpoint is "no progress" here, the trainer reports it
-        return None
+    return None if resume.path is None else resume.step
 
 
 def progress(recipe: Recipe, node: Node) -> object:

@@ -1,8 +1,10 @@
-"""Callbacks and plugins of stage training: atomic checkpoints, preemption, periodic EMA samples."""
+"""Callbacks and plugins of stage training: atomic checkpoints, preemption, periodic EMA samples, the step bar, and
+loggers that leave out empty loss buckets."""
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import signal
 from pathlib import Path
@@ -10,8 +12,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -23,7 +25,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+        except OSError as error:  # a full disk: free what the partial file took; the message names the checkpoint
+            tmp.unlink(missing_ok=True)
+            raise OSError(error.errno, error.strerror, str(path)) from None
         os.replace(tmp, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
@@ -39,9 +45,34 @@ class _AppendingWriter(ExperimentWriter):
                 self.metrics_keys = next(csv.reader(file), [])
 
 
+def without_empty_buckets(metrics: dict) -> dict:
+    """The metrics less the per-log-SNR-bucket losses that no sample of the step fell in (NaN from the module,
+    which logs NaN so that Lightning does not repeat an earlier step's value): nothing is logged for them."""
+    def empty(key: str, value) -> bool:
+        value = value.item() if torch.is_tensor(value) and value.numel() == 1 else value
+        return key.startswith("train/loss_t") and isinstance(value, float) and math.isnan(value)
+    return {k: v for k, v in metrics.items() if not empty(k, v)}
+
+
+class StepWandbLogger(WandbLogger):
+    """Lightning's WandbLogger without the empty loss buckets (a NaN there would read as divergence), and without
+    the `anonymous` argument Lightning always passes (wandb warns on the screen that it has no effect)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._wandb_init.pop("anonymous", None)
+
+    def log_metrics(self, metrics, step=None) -> None:
+        super().log_metrics(without_empty_buckets(metrics), step)
+
+
 class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSVLogger, except that a resumed run appends to metrics.csv instead of deleting it. Steps that a
-    resumed run repeats appear again: the last row of a step counts, as in the step journal."""
+    """Lightning's CSVLogger, except that a resumed run appends to metrics.csv instead of deleting it, and an empty
+    loss bucket is an empty cell. Steps that a resumed run repeats appear again: the last row of a step counts, as
+    in the step journal."""
+
+    def log_metrics(self, metrics, step=None) -> None:
+        super().log_metrics(without_empty_buckets(metrics), step)
 
     @property
     @rank_zero_experiment
@@ -63,6 +94,40 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_global_step_saved = trainer.global_step
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The bar counts optimizer steps against max_steps (Lightning's counts batches of an epoch that never ends:
+    `Epoch 0/-2`, then `40/10` under gradient accumulation), from the step a resumed run starts at."""
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.reset(total=self.trainer.max_steps if self.trainer.max_steps > 0 else None)
+        return bar
+
+    @property
+    def train_description(self) -> str:
+        return "steps"
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.initial = trainer.global_step
+        bar.n = trainer.global_step
+        bar.set_description("steps")
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable and bar.n != trainer.global_step:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 class Preemption(L.Callback):
@@ -153,7 +218,7 @@ class SampleVideos(L.Callback):
         frames = to_uint8(torch.cat(list(video), dim=-1))  # samples side by side
         path = write_video(self.folder / f"step-{step:07d}.mp4", frames, spec.fps)
         for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
+            if isinstance(logger, WandbLogger):
                 import wandb
 
                 logger.experiment.log({"samples": wandb.Video(str(path), format="mp4"), "trainer/global_step": step})

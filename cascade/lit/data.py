@@ -42,6 +42,13 @@ class StageDataModule(L.LightningDataModule):
         self.position["batches"] += 1
         self.position["positions"][str(batch["role"])] = batch["position"]
 
+    def report(self) -> str:
+        """One line for the end of a run: samples read and bad ones by reason (StageLoader.report); this rank's."""
+        if self.loader is None:
+            return "data: no samples read"
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return self.loader.report() + (f" (rank {self.trainer.global_rank} of {world})" if world > 1 else "")
+
     def state_dict(self) -> dict:
         base = self.loader.state_dict() if self.loader is not None else {}
         state = {**base, "batches": self.position["batches"], "positions": dict(self.position["positions"]),

@@ -17,18 +17,18 @@ from cascade.weights import WeightsInfo, save_weights
 
 
 def teacher_weights(recipe: Recipe, stage: Stage, teacher: str | Path | None) -> tuple[dict, Path]:
-    """The trained stage's EMA weights: a safetensors file, or the EMA part of the stage's last checkpoint."""
-    from safetensors.torch import load_file
-
-    from cascade.lit.train import ema_weights
-
+    """The trained stage's EMA weights: a safetensors file, or the EMA part of the stage's last checkpoint (read
+    through cascade.loading: a file that is not one is a one-line UserError)."""
     from cascade.lit.sharding import checkpoint_complete
+    from cascade.lit.train import ema_weights
+    from cascade.loading import load_safetensors
 
     path = Path(teacher) if teacher is not None else recipe.run_folder(stage.name) / "checkpoints" / "last.ckpt"
     if not checkpoint_complete(path):
         raise FileNotFoundError(f"{path}: no trained weights for stage {stage.name}; train it first "
                                 f"(`cascade train RECIPE --stage {stage.name}`) or pass --teacher FILE")
-    return (load_file(str(path)) if path.suffix == ".safetensors" else ema_weights(path)[0]), path
+    return (load_safetensors(path, "teacher weights file") if path.suffix == ".safetensors" else ema_weights(path)[0]
+            ), path
 
 
 def full_weights(net: nn.Module) -> dict:
@@ -53,14 +53,27 @@ def save_student(weights: dict, path: Path, recipe: Recipe, stage: Stage, info: 
 def distill(recipe: Recipe, stage_name: str, teacher: str | Path | None = None, extra_callbacks=()) -> Path:
     """Run the stage's distillation rounds in order; a finished round (its student.safetensors exists) is skipped,
     so rerunning continues after a crash. Each round's student starts from its teacher (the previous student).
-    The final student is copied to RUN/distilled/STAGE.safetensors."""
+    The final student is copied to RUN/distilled/STAGE.safetensors. RUN/STAGE/distill is locked for the whole
+    distillation, and a signal before a round's first step stops it cleanly (as `cascade.lit.train.train`)."""
+    from cascade.lit.runfolder import StartupInterrupted, interruptible_startup, locked, startup_error
+
+    stage = recipe.stage(stage_name)
+    folder = recipe.run_folder(stage.name) / "distill"
+    try:
+        with interruptible_startup(), locked(folder, "distillation folder"):
+            return _distill(recipe, stage, teacher, extra_callbacks)
+    except StartupInterrupted as error:
+        raise startup_error(error, f"distillation of stage {stage.name}", f"rerun `cascade distill` to continue "
+                            f"{folder}") from None
+
+
+def _distill(recipe: Recipe, stage: Stage, teacher: str | Path | None, extra_callbacks) -> Path:
     from safetensors.torch import load_file
 
     from cascade.lit.distill import DistillModule
     from cascade.lit.train import check_text_encoder, ensure_dataset, fit
     from cascade.recipe.build import build_augmentation, build_distillation_rounds, build_unet
 
-    stage = recipe.stage(stage_name)
     ensure_dataset(recipe)
     check_text_encoder(recipe)
     rounds = build_distillation_rounds(stage)

@@ -12,6 +12,8 @@ import os
 import platform
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,10 +42,11 @@ def environment() -> dict:
                 slurm_job=os.environ.get("SLURM_JOB_ID"), argv=sys.argv)
 
 
-def write_run_info(folder: Path, recipe: Recipe, stage: Stage) -> None:
-    """The resolved recipe, the git commit and the environment; a changed recipe on resume is reported.
-    Written by rank 0 only."""
+def write_run_info(folder: Path, recipe: Recipe, stage: Stage, resume=None) -> None:
+    """The resolved recipe, the git commit and the environment; on resume, a changed recipe is reported field by
+    field with the step the run resumes from (`resume`: cascade.lit.runfolder.Resume). Written by rank 0 only."""
     from cascade.files import process_rank
+    from cascade.lit.runfolder import changed_fields, format_changes
 
     folder.mkdir(parents=True, exist_ok=True)
     if process_rank() != 0:
@@ -51,11 +54,17 @@ def write_run_info(folder: Path, recipe: Recipe, stage: Stage) -> None:
     resolved = recipe.model_dump(mode="json")
     path = folder / "recipe.yaml"
     if path.is_file():
-        previous = yaml.safe_load(path.read_text())
+        previous = yaml.safe_load(path.read_text()) or {}
         old = next((s for s in previous.get("stages", []) if s.get("name") == stage.name), None)
-        if old is not None and old != stage.model_dump(mode="json"):
-            print(f"warning: the recipe of stage {stage.name} changed since {path} was written; resuming with the "
-                  f"new one (the old one is kept as recipe.previous.yaml)", file=sys.stderr)
+        changes = [] if old is None else changed_fields(old, stage.model_dump(mode="json"), f"stages.{stage.name}.")
+        for part in ("data", "text_encoder"):  # what the stage reads
+            changes += changed_fields(previous.get(part), resolved.get(part), f"{part}.")
+        if changes:
+            where = (f"resuming from step {resume.step} ({resume.path})" if resume is not None and resume.path
+                     else "starting from step 0")
+            print(f"warning: the recipe of stage {stage.name} changed since {path} was written: "
+                  f"{format_changes(changes)}; {where} with the new one (the old one is kept as "
+                  f"recipe.previous.yaml)", file=sys.stderr, flush=True)
             path.replace(folder / "recipe.previous.yaml")
     path.write_text(yaml.safe_dump(resolved, sort_keys=False))
     (folder / "run.json").write_text(json.dumps(dict(stage=stage.name, git_commit=git_commit(),
@@ -95,11 +104,13 @@ def build_module(recipe: Recipe, stage: Stage, journal: Path | None = None):
 
 
 def resume_checkpoint(folder: Path) -> Path | None:
-    """The run's last.ckpt, if any (written at a preemption, at the end, and every `train.checkpoint_every`): a
-    file, or under `launch.strategy: fsdp` a folder of shards (cascade.lit.sharding)."""
-    from cascade.lit.sharding import complete_checkpoint
+    """The checkpoint a run in `folder` resumes from: the newest that loads (cascade.lit.runfolder.find_resume):
+    last.ckpt (written at a preemption, at the end, and every `train.checkpoint_every`), else the newest intact
+    step-*.ckpt; a file, or under `launch.strategy: fsdp` a folder of shards. None without checkpoints; UserError
+    when there are some and none loads."""
+    from cascade.lit.runfolder import find_resume
 
-    return complete_checkpoint(folder / "checkpoints" / "last.ckpt")
+    return find_resume(folder).path
 
 
 def wandb_run_id(folder: Path, recipe: Recipe, stage: Stage) -> str:
@@ -117,7 +128,7 @@ def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_call
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from cascade.lit.callbacks import (AtomicCheckpointIO, Preemption, ResumableCSVLogger, SampleVideos,
-                                       StepCheckpoint)
+                                       StepCheckpoint, StepProgressBar)
     from cascade.recipe.build import build_stage_spec
 
     t, launch = stage.train, stage.launch
@@ -130,7 +141,7 @@ def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_call
     # SIGUSR1 and SIGTERM: save last.ckpt at a step boundary and stop. Requeueing belongs to the batch script alone
     # (slurm/README.md, "Preemption, time limits, requeue loops").
     preemption = Preemption(folder / "checkpoints" / "last.ckpt")
-    callbacks = [checkpoints, preemption, *extra_callbacks]
+    callbacks = [checkpoints, preemption, StepProgressBar(), *extra_callbacks]
     if samples and recipe.logging.sample_every is not None:
         crop = t.crop
         size = dict(width=crop.width, height=crop.height) if crop else {}
@@ -143,12 +154,15 @@ def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_call
                                       recipe.logging.sample_count))
     loggers = [ResumableCSVLogger(folder, name="logs", version=0)]
     if recipe.logging.wandb is not None:
-        from lightning.pytorch.loggers import WandbLogger
+        import wandb
+
+        from cascade.lit.callbacks import StepWandbLogger
 
         w = recipe.logging.wandb
-        loggers.append(WandbLogger(project=w.project, entity=w.entity, offline=w.mode == "offline",
-                                   save_dir=str(folder), name=f"{recipe.name}-{stage.name}", id=wandb_run_id(folder, recipe, stage),
-                                   resume="allow"))
+        loggers.append(StepWandbLogger(project=w.project, entity=w.entity, offline=w.mode == "offline",
+                                       save_dir=str(folder), name=f"{recipe.name}-{stage.name}",
+                                       id=wandb_run_id(folder, recipe, stage), resume="allow",
+                                       settings=wandb.Settings(silent=True)))
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # Lightning's default would install its own SIGUSR1 requeue handler
         plugins.append(SLURMEnvironment(auto_requeue=False))
@@ -172,28 +186,75 @@ def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_call
 
 def fit(recipe: Recipe, stage: Stage, folder: Path, module, extra_callbacks=(), label: str | None = None,
         max_steps: int | None = None, samples: bool = True):
-    """Fit `module` on the stage's data in `folder`, resuming from its last checkpoint; returns the trainer.
-    Shared by training and every distillation round (which sets its own `max_steps`, without samples);
-    `stage.train` sets the checkpoint cadence and precision."""
+    """Fit `module` on the stage's data in `folder`, resuming from its newest checkpoint that loads; returns the
+    trainer. Shared by training and every distillation round (which sets its own `max_steps`, without samples);
+    `stage.train` sets the checkpoint cadence and precision. Library warnings and Lightning's messages go to
+    FOLDER/train.log, not to the screen; the bad-sample counts are printed at the end."""
     from cascade.lit.data import StageDataModule
+    from cascade.lit.runfolder import describe_skipped, find_resume
     from cascade.recipe.build import build_stage_loader, build_text_source
 
-    write_run_info(folder, recipe, stage)
+    resume = find_resume(folder)
+    write_run_info(folder, recipe, stage, resume)
     if stage.train.deterministic:
         torch.use_deterministic_algorithms(True)
     text = build_text_source(recipe)
     data = StageDataModule(lambda rank, world: build_stage_loader(stage, recipe, rank, world, text_source=text))
-    trainer = build_trainer(recipe, stage, folder, module, extra_callbacks, max_steps, samples)
-    ckpt = resume_checkpoint(folder)
-    if ckpt is not None and trainer.is_global_zero:
-        print(f"resuming {label or stage.name} from {ckpt}", flush=True)
-    try:
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
-    finally:  # end this run's wandb run: the next fit() in this process would otherwise log into it
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
-                logger.experiment.finish()
+    with library_messages_to(folder / "train.log") as diverted:
+        trainer = build_trainer(recipe, stage, folder, module, extra_callbacks, max_steps, samples)
+        if trainer.is_global_zero:
+            for path, why in resume.skipped:
+                print(describe_skipped(path, why), flush=True)
+            if resume.path is not None:
+                print(f"resuming {label or stage.name} from {resume.path} (step {resume.step})", flush=True)
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=resume.path, weights_only=True)
+        finally:  # end this run's wandb run: the next fit() in this process would otherwise log into it
+            for logger in trainer.loggers:
+                if type(logger).__name__ in ("WandbLogger", "StepWandbLogger") and getattr(
+                        logger, "_experiment", None) is not None:
+                    logger.experiment.finish()
+    if trainer.is_global_zero:
+        print(data.report(), flush=True)
+        if diverted.count:
+            print(f"{diverted.count} library warnings are in {folder / 'train.log'}", flush=True)
     return trainer
+
+
+class _Diverted:
+    count = 0
+
+
+@contextmanager
+def library_messages_to(log: Path):
+    """Python warnings and Lightning's log messages of this block go to `log` (appended), not to the screen: the
+    screen keeps the bar and what cascade itself says. Yields an object whose `count` is the warnings written."""
+    import logging
+    import warnings
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
+    diverted = _Diverted()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        diverted.count += 1
+        handler.stream.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} warning {category.__name__} "
+                             f"({filename}:{lineno}): {message}\n")
+        handler.stream.flush()
+
+    for logger in loggers:
+        logger.handlers, logger.propagate = [handler], False
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            yield diverted
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+        handler.close()
 
 
 def check_text_encoder(recipe: Recipe) -> None:
@@ -209,41 +270,85 @@ def check_text_encoder(recipe: Recipe) -> None:
 
 
 def train(recipe: Recipe, stage_name: str, extra_callbacks=(), module_hook=None) -> Path:
-    """Train (or resume) one stage. Returns the run folder."""
+    """Train (or resume) one stage. Returns the run folder. The folder is locked first (a second process is
+    refused), and SIGTERM or SIGUSR1 before the first step stops the run cleanly (UserError, exit 128 + signal)."""
+    from cascade.lit.runfolder import StartupInterrupted, interruptible_startup, locked, startup_error
+
     stage = recipe.stage(stage_name)
     folder = recipe.run_folder(stage.name)
-    ensure_dataset(recipe)
-    check_text_encoder(recipe)
-    module = build_module(recipe, stage, journal=folder / "train_steps.jsonl")
-    if module_hook is not None:
-        module_hook(module)
-    fit(recipe, stage, folder, module, extra_callbacks)
+    try:
+        with interruptible_startup(), locked(folder):
+            ensure_dataset(recipe)
+            check_text_encoder(recipe)
+            module = build_module(recipe, stage, journal=folder / "train_steps.jsonl")
+            if module_hook is not None:
+                module_hook(module)
+            fit(recipe, stage, folder, module, extra_callbacks)
+    except StartupInterrupted as error:
+        raise startup_error(error, f"stage {stage.name}", f"rerun `cascade train` to start (or resume) {folder}"
+                            ) from None
     return folder
 
 
 def ema_weights(checkpoint: str | Path) -> tuple[dict, dict]:
     """(EMA weights, the rest of the checkpoint) of a training checkpoint, a file or a sharded folder (assembled
     in this process); tensors only: nothing is unpickled."""
+    from cascade.errors import UserError
+    from cascade.loading import load_torch
+
     prefix = "ema.module."
     if Path(checkpoint).is_dir():
-        from cascade.lit.sharding import checkpoint_meta, read_tensors, tensor_index
+        from cascade.lit.sharding import read_tensors
 
-        index = tensor_index(checkpoint)
+        index = sharded_index(checkpoint)
         keys = [k for k in index if k.startswith("state_dict." + prefix)]
         weights = {k[len("state_dict." + prefix):]: v for k, v in read_tensors(checkpoint, keys, index).items()}
-        state = checkpoint_meta(checkpoint)
+        state = sharded_meta(checkpoint)
     else:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+        state = load_torch(checkpoint, "training checkpoint")
+        found = state.get("state_dict")
+        weights = {k[len(prefix):]: v for k, v in found.items() if k.startswith(prefix)} if isinstance(
+            found, dict) else {}
     if not weights:
-        raise ValueError(f"{checkpoint}: no EMA weights (keys 'ema.module.*') in this checkpoint")
+        raise UserError(f"{checkpoint}: no EMA weights (keys 'ema.module.*') in this checkpoint: not a training "
+                        f"checkpoint of cascade train")
     return weights, state
+
+
+def sharded_meta(checkpoint: str | Path) -> dict:
+    """Lightning's metadata of a sharded checkpoint folder, or UserError naming the folder and what is missing."""
+    from cascade.errors import UserError
+    from cascade.lit.sharding import META, checkpoint_complete
+    from cascade.loading import load_torch
+
+    if not checkpoint_complete(Path(checkpoint)):
+        raise UserError(f"{checkpoint}: a folder, but not a complete sharded checkpoint (it needs .metadata and {META})")
+    return load_torch(Path(checkpoint) / META, "checkpoint")
+
+
+def sharded_index(checkpoint: str | Path) -> dict:
+    """The tensor index of a sharded checkpoint folder, or UserError when its .metadata does not read."""
+    from cascade.errors import UserError, short_repr
+    from cascade.lit.sharding import tensor_index
+
+    sharded_meta(checkpoint)
+    try:
+        return tensor_index(checkpoint)
+    except Exception as error:  # noqa: BLE001 - a damaged index is that folder's fault
+        raise UserError(f"{checkpoint}: the sharded checkpoint's .metadata does not read: {type(error).__name__}: "
+                        f"{short_repr(str(error).splitlines()[0] if str(error) else '', 160)}") from None
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """EMA weights of a training checkpoint as safetensors, the resolved stage recipe in the metadata. From a
-    sharded checkpoint folder the EMA is gathered one block at a time (cascade.lit.sharding.ema_groups)."""
+    sharded checkpoint folder the EMA is gathered one block at a time (cascade.lit.sharding.ema_groups). `out`
+    must end in .safetensors (UserError otherwise: a .pt name would promise another format)."""
+    from cascade.errors import UserError
     from cascade.weights import WeightsInfo, save_weights, save_weights_streaming
+
+    if Path(out).suffix != ".safetensors":
+        raise UserError(f"--out {out}: export writes safetensors; name the file STAGE.safetensors (e.g. "
+                        f"{Path(out).with_suffix('.safetensors').name})")
 
     def described(state: dict) -> dict:
         info = json.loads(state.get("cascade", {}).get("recipe", "{}"))
@@ -252,19 +357,19 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
                 "cascade.global_step": str(state.get("global_step", ""))}
 
     if Path(checkpoint).is_dir():
-        from cascade.lit.sharding import checkpoint_meta, ema_groups, read_tensors, tensor_index
+        from cascade.lit.sharding import ema_groups, read_tensors
 
         full = "state_dict.ema.module."
-        index = tensor_index(checkpoint)
+        index = sharded_index(checkpoint)
         groups = ema_groups(index, full)
         if not groups:
-            raise ValueError(f"{checkpoint}: no EMA weights (keys 'ema.module.*') in this checkpoint")
+            raise UserError(f"{checkpoint}: no EMA weights (keys 'ema.module.*') in this checkpoint")
 
         def loader(keys):
             return lambda: {k[len(full):]: v for k, v in read_tensors(checkpoint, keys, index).items()}
         return save_weights_streaming(
             out, {k[len(full):]: index[k] for group in groups for k in group},
             [([k[len(full):] for k in keys], loader(keys)) for keys in groups], WeightsInfo(kind="ema"),
-            described(checkpoint_meta(checkpoint)))
+            described(sharded_meta(checkpoint)))
     weights, state = ema_weights(checkpoint)
     return save_weights(out, weights, WeightsInfo(kind="ema"), described(state))
