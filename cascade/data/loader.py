@@ -331,14 +331,15 @@ class StageDataset(IterableDataset):
             return
         bad, seen = sum(recent), len(recent)
         if seen < span and bad > limit * span:
-            where = f"bad samples in the first {seen} read, more than the budget allows in {span}"
+            where = f"bad sample{'s' * (bad != 1)} in the first {seen} read, more than the budget allows in {span}"
         elif seen >= span and bad > limit * seen:
             where = f"of the last {seen} samples were bad"
         else:
             return
         reasons = ", ".join(f"{reason} {count}" for reason, count in counts.most_common())
         raise DataBudgetExceeded(f"{self.folder}: {bad} {where} (data.max_bad_fraction {limit:.1%}); counts by "
-                                 f"reason: {reasons}; the log names each skipped sample")
+                                 f"reason: {reasons}; each skipped sample is logged (logger cascade.data) with its "
+                                 f"shard and key")
 
     def _stats(self, state: _RoleState, error: UserError | None = None) -> dict:
         """A batch-less item: the role's counts (the end of a finite pass) or an error for the main process."""

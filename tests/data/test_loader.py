@@ -301,7 +301,7 @@ def test_error_budget_stops_loudly(tmp_path):
         write_bad_samples(sink, 60, np.random.default_rng(1))
     dataset = StageDataset(folder, BASE, LoaderConfig(batch_size=1, max_bad_fraction=0.01, window=50))
     # 1% of a 50-sample window allows none: the first bad sample stops the run, not the 50th
-    with pytest.raises(DataBudgetExceeded, match=r": 1 bad samples in the first 1 read, more than the budget allows "
+    with pytest.raises(DataBudgetExceeded, match=r": 1 bad sample in the first 1 read, more than the budget allows "
                        r"in 50 \(data.max_bad_fraction 1.0%\); counts by reason: \w+ 1;"):
         next(iter(StageLoader(dataset)))
 

@@ -127,3 +127,51 @@ def test_a_wrong_size_cached_embedding_is_one_bad_sample(with_text, tmp_path):
     batches, loader = first_epoch(recipe, "tsr1")  # tsr1 uses videos only
     assert videos_with_it >= 1 and loader.total_bad.get("bad_embedding", 0) == videos_with_it
     assert len(batches) == len(video_captions) - videos_with_it
+
+
+def _train_stderr(capsys, recipe_overrides: list[str], run_dir) -> tuple[int, str]:
+    from cascade.cli import main
+
+    capsys.readouterr()
+    code = main(["train", str(TINY), "--stage", "base", f"run_dir={run_dir}", "stages.base.train.max_steps=2",
+                 "data.num_workers=1", *recipe_overrides])
+    return code, capsys.readouterr().err
+
+
+def test_train_with_a_cache_for_another_max_tokens_is_one_line(with_text, tmp_path, capsys):
+    """`cascade train` whose cache was built for another max_tokens: exit 2 and one line naming the part file, both
+    values and the rebuild command, raised from the DataLoader worker without its traceback."""
+    wanted = with_text.text_encoder.max_tokens + 8
+    code, err = _train_stderr(capsys, [f"data.root={with_text.data.root}",
+                                       f"text_encoder.path={with_text.text_encoder.path}",
+                                       f"text_encoder.max_tokens={wanted}"], tmp_path / "run")
+    part = Path(with_text.data.root) / "embeddings" / "part-00000-of-00001.safetensors"
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {part}: embedding cache built with max_tokens "
+                               f"{with_text.text_encoder.max_tokens}, but text_encoder.max_tokens is {wanted}"), err
+    assert f"--max-tokens {wanted} --out {part.parent}`" in lines[0]
+
+
+def test_train_on_mostly_bad_data_stops_with_one_line(with_text, tmp_path, capsys):
+    """A short `cascade train` on 62% bad data (20 samples without a caption added to 12 good ones) stops with exit
+    1 and the budget's line, not after 1,000 samples and not with a DataLoader worker traceback."""
+    import json
+    import shutil
+
+    from cascade.data.shards import ShardSink
+
+    folder = shutil.copytree(with_text.data.root, tmp_path / "data")
+    with ShardSink(tmp_path / "bad", samples_per_shard=20) as sink:
+        for i in range(20):
+            sink.write_sample({"__key__": f"bad{i:03d}", "mp4": b"\0" * 16})
+    shutil.move(tmp_path / "bad" / "shard-000000.tar", folder / "shard-bad.tar")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"].append(dict(path="shard-bad.tar", samples=20))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    code, err = _train_stderr(capsys, [f"data.root={folder}", f"text_encoder.path={with_text.text_encoder.path}",
+                                       "data.max_bad_fraction=0.5"], tmp_path / "run")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"error: stage base stopped: {folder}: ") and "data.max_bad_fraction 50.0%" in lines[0]
+    assert "counts by reason: missing_caption " in lines[0], lines[0]
