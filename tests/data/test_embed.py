@@ -320,7 +320,7 @@ def test_embed_reads_the_complete_samples_of_a_truncated_shard_and_names_it(shar
     cache = EmbeddingCache(tmp_path / "cache")
     read = CAPTIONS[:3] + CAPTIONS[6:]
     assert {c for c in UNIQUE if c in cache} == set(read) and len(cache) == len(set(read))
-    assert "damaged_shard 2" in out, out
+    assert " samples (skipped: damaged_shard 2), " in out, out
 
 
 def test_embed_skips_and_counts_unsafe_member_names(shards, t5, tmp_path, capsys):
@@ -342,7 +342,7 @@ def test_embed_skips_and_counts_unsafe_member_names(shards, t5, tmp_path, capsys
     assert main(["data", "embed", "--shards", str(dataset), "--encoder", str(t5), "--max-tokens", str(MAX_TOKENS),
                  "--out", str(tmp_path / "cache")]) == 0
     out, err = capsys.readouterr()
-    assert "left out 2 samples (unsafe_member_name 2)" in out, out
+    assert " samples (skipped: unsafe_member_name 2), " in out, out
     assert "warning: shard-000009.tar: left out 2 samples (unsafe_member_name 2; first: '../../evil.png')" in err
     cache = EmbeddingCache(tmp_path / "cache")
     assert "a safe caption" in cache and "climbs out" not in cache and "absolute" not in cache
