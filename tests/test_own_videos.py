@@ -114,6 +114,32 @@ def mp4_frames(path: Path) -> tuple[int, int, int]:
     return len(frames), frames[0].width, frames[0].height
 
 
+def run_as_written(lines: list[str], folder: Path) -> list[tuple[float, str]]:
+    """Run each command line in `folder` with bash, `cascade` on PATH; check its exit status, that no traceback was
+    printed and what CHECKS says it leaves. -> (seconds, command) per line."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    seconds = []
+    for line in lines:
+        start = time.perf_counter()
+        result = subprocess.run(line, shell=True, cwd=folder, env=env, executable="/bin/bash",
+                                capture_output=True, text=True, timeout=300)
+        output = result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.returncode == 0, f"{line}\nexit {result.returncode}\n{output}"
+        assert "Traceback" not in result.stderr, f"{line}\n{result.stderr[-3000:]}"
+        for prefix, check in CHECKS.items():
+            if line.startswith(prefix):
+                check(folder, result.stdout)
+        seconds.append((round(time.perf_counter() - start, 1), line.splitlines()[0][:60]))
+    return seconds
+
+
+def section_commands() -> list[list[str]]:
+    """The command lines of each ```bash block of the section, in order."""
+    blocks = [commands(block) for block in bash_blocks(section(README.read_text()))]
+    assert blocks, f"no ```bash block under {HEADING!r} in {README}"
+    return blocks
+
+
 # What each command of the section must leave behind (the section's prose says so), keyed by how it starts.
 def _shards(folder: Path, out: str) -> None:
     manifest = json.loads((folder / "shards/mine/manifest.json").read_text())
@@ -197,25 +223,19 @@ def test_readme_commands_parse():
     assert [commands(b) for b in bash_blocks(section(text))] == [["one"]]
 
 
-@pytest.mark.slow  # about 50 s of CPU: 125 s on two cores shared with other jobs (data 26 s, train 47 s, sample 36 s)
+def test_readme_recipe_validates(tmp_path):
+    """The section's recipe block as written (copy, my.yaml, validate): the recipe it writes stays valid, in the
+    default test run (the whole walk-through is slow)."""
+    block = next(b for b in section_commands() if any(line.startswith("cat > my.yaml") for line in b))
+    run_as_written(block, tmp_path)
+
+
+@pytest.mark.slow  # about 50 s of CPU; 80 to 145 s on two cores shared with other jobs
 def test_train_on_your_own_videos(tmp_path):
     """Every command of the section exits 0 in a folder laid out as it says and leaves what it says."""
     make_folder(tmp_path)
-    lines = [c for block in bash_blocks(section(README.read_text())) for c in commands(block)]
-    assert lines, f"no ```bash block under {HEADING!r} in {README}"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done, seconds = [], []
-    for line in lines:
-        start = time.perf_counter()
-        result = subprocess.run(line, shell=True, cwd=tmp_path, env=env, executable="/bin/bash",
-                                capture_output=True, text=True, timeout=300)
-        output = result.stdout[-3000:] + result.stderr[-3000:]
-        assert result.returncode == 0, f"{line}\nexit {result.returncode}\n{output}"
-        assert "Traceback" not in result.stderr, f"{line}\n{result.stderr[-3000:]}"
-        seconds.append((round(time.perf_counter() - start, 1), line.splitlines()[0][:60]))
-        for prefix, check in CHECKS.items():
-            if line.startswith(prefix):
-                check(tmp_path, result.stdout)
-                done.append(prefix)
-    assert sorted(done) == sorted(CHECKS), f"the section's commands were {lines}"
+    lines = [line for block in section_commands() for line in block]
+    seconds = run_as_written(lines, tmp_path)
+    steps = [prefix for line in lines for prefix in CHECKS if line.startswith(prefix)]
+    assert steps == list(CHECKS), f"steps missing or out of order; the section's commands were {lines}"
     print("seconds per command:", *seconds, sep="\n  ")
