@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cascade.data.loader import scan_tar, split_member_name
-from cascade.data.shards import Manifest
+from cascade.data.shards import Manifest, scan_tar, split_member_name
 from cascade.errors import UserError, one_line
 
 # --- reading

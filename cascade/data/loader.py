@@ -26,14 +26,14 @@ import tarfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cascade.data.clips import BadSample, ClipSpec, FrameCache, make_example
-from cascade.data.shards import Manifest
+from cascade.data.shards import Manifest, TarIndex, scan_tar
 from cascade.errors import UserError
 
 log = logging.getLogger("cascade.data")
@@ -66,64 +66,6 @@ class LoaderConfig:
     world_size: int = 1
     epochs: int | None = None  # None: endless (training); 1: one pass, e.g. evaluation (last batch may be short)
     decode_cache_bytes: int = 0  # per worker: decoded videos kept for later epochs (0: decode every time)
-
-
-@dataclass
-class TarIndex:
-    """A webdataset tar's samples in file order as (key, {extension: member}); `problem`: why the tar ends early
-    (truncated, corrupt or unreadable), None if it was read to the end; `unsafe`: names of the members skipped
-    because they are absolute or climb out of the tar's folder (`../x`, `/etc/x`)."""
-
-    samples: list[tuple[str, dict[str, tarfile.TarInfo]]]
-    problem: str | None = None
-    unsafe: list[str] = field(default_factory=list)
-
-    @property
-    def unsafe_samples(self) -> int:
-        """Samples (distinct keys) among the unsafe members."""
-        return len({split_member_name(name)[0] for name in self.unsafe})
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """webdataset's split of a member name: (key, extension); the key runs to the first dot of the file name."""
-    base = name.rsplit("/", 1)[-1]
-    key, _, ext = base.partition(".")
-    return name[: len(name) - len(base)] + key, ext
-
-
-def unsafe_member_name(name: str) -> bool:
-    """Whether a tar member's name is absolute (`/x`, `\\x`, `C:x`) or has a `..` component."""
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    return name.startswith(("/", "\\")) or (name[1:2] == ":" and name[:1].isalpha()) or ".." in parts
-
-
-def scan_tar(path: str | Path) -> TarIndex:
-    """Index a webdataset tar without reading its data: samples (unsafe member names left out), and problems."""
-    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-    problem, unsafe = None, []
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            while True:
-                try:
-                    member = tar.next()
-                except (tarfile.ReadError, EOFError, OSError) as error:
-                    problem = f"truncated or corrupt tar ({error})"
-                    break
-                if member is None:  # tarfile also ends here, silently, at a cut or garbled header
-                    tar.fileobj.seek(tar.offset)
-                    if tar.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
-                        problem = f"truncated or corrupt tar (no end-of-archive block at byte {tar.offset})"
-                    break
-                if not member.isfile():
-                    continue
-                if unsafe_member_name(member.name):
-                    unsafe.append(member.name)
-                    continue
-                key, ext = split_member_name(member.name)
-                samples.setdefault(key, {})[ext] = member
-    except (tarfile.ReadError, OSError) as error:
-        problem = f"unreadable tar ({error})"
-    return TarIndex(list(samples.items()), problem, unsafe)
 
 
 def read_tar_index(path: str | Path) -> tuple[list[tuple[str, dict[str, tarfile.TarInfo]]], str | None]:

@@ -9,6 +9,9 @@ A dataset is a folder of webdataset tar shards plus `manifest.json`. Each sample
 
 `manifest.json` lists the shards with their sample counts (the loader needs them to split work and to resume),
 totals, hours of video, and the samples the builder skipped with the reason.
+
+Readers index a tar with `scan_tar`: members whose names are absolute or climb out of the tar (`../x`) are never
+read, and a tar that ends early (cut, garbled, or not a tar) is reported with the samples it holds before that.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import webdataset as wds
 
@@ -67,6 +71,67 @@ class Manifest:
         return cls(shards=data["shards"], videos=data.get("videos", 0), images=data.get("images", 0),
                    video_seconds=data.get("video_seconds", 0.0), skipped=data.get("skipped", []),
                    info=data.get("info", {}))
+
+
+# --- reading a shard's index
+
+
+@dataclass
+class TarIndex:
+    """A webdataset tar's samples in file order as (key, {extension: member}); `problem`: why the tar ends early
+    (truncated, corrupt or unreadable), None if it was read to the end; `unsafe`: names of the members skipped
+    because they are absolute or climb out of the tar's folder (`../x`, `/etc/x`)."""
+
+    samples: list[tuple[str, dict[str, tarfile.TarInfo]]]
+    problem: str | None = None
+    unsafe: list[str] = field(default_factory=list)
+
+    @property
+    def unsafe_samples(self) -> int:
+        """Samples (distinct keys) among the unsafe members."""
+        return len({split_member_name(name)[0] for name in self.unsafe})
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset's split of a member name: (key, extension); the key runs to the first dot of the file name."""
+    base = name.rsplit("/", 1)[-1]
+    key, _, ext = base.partition(".")
+    return name[: len(name) - len(base)] + key, ext
+
+
+def unsafe_member_name(name: str) -> bool:
+    """Whether a tar member's name is absolute (`/x`, `\\x`, `C:x`) or has a `..` component."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return name.startswith(("/", "\\")) or (name[1:2] == ":" and name[:1].isalpha()) or ".." in parts
+
+
+def scan_tar(path: str | Path) -> TarIndex:
+    """Index a webdataset tar without reading its data: samples (unsafe member names left out), and problems."""
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    problem, unsafe = None, []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            while True:
+                try:
+                    member = tar.next()
+                except (tarfile.ReadError, EOFError, OSError) as error:
+                    problem = f"truncated or corrupt tar ({error})"
+                    break
+                if member is None:  # tarfile also ends here, silently, at a cut or garbled header
+                    tar.fileobj.seek(tar.offset)
+                    if tar.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+                        problem = f"truncated or corrupt tar (no end-of-archive block at byte {tar.offset})"
+                    break
+                if not member.isfile():
+                    continue
+                if unsafe_member_name(member.name):
+                    unsafe.append(member.name)
+                    continue
+                key, ext = split_member_name(member.name)
+                samples.setdefault(key, {})[ext] = member
+    except (tarfile.ReadError, OSError) as error:
+        problem = f"unreadable tar ({error})"
+    return TarIndex(list(samples.items()), problem, unsafe)
 
 
 class ShardSink:

@@ -352,8 +352,8 @@ def test_unsafe_member_names_are_skipped_and_counted(tmp_path):
     import io
     import tarfile
 
-    from cascade.data.loader import read_tar_index, scan_tar
-    from cascade.data.shards import Manifest
+    from cascade.data.loader import read_tar_index
+    from cascade.data.shards import Manifest, scan_tar
 
     folder = tmp_path / "evil"
     folder.mkdir()
