@@ -333,14 +333,15 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         data = merge(base, {k: v for k, v in data.items() if k != "extends"})
         data["extends"] = str(parent_path)
     for text in overrides:
-        if parse_override(text)[0][0] == "extends":  # resolved above, from the file: an override would be ignored
-            raise RecipeError(f"{path} (override {text!r})", [(
-                "extends", "cannot be set on the command line (the file's extends is resolved before overrides); "
-                           "write `extends: FILE` in the recipe, or pass the other recipe as RECIPE")])
         try:
-            apply_override(data, *parse_override(text))
+            keys, value = parse_override(text)
+            if keys[0] == "extends":  # resolved above, from the file: an override would be ignored
+                raise RecipeError("command line", [(
+                    "extends", "cannot be set on the command line (the file's extends is resolved before overrides); "
+                               "write `extends: FILE` in the recipe, or pass the other recipe as RECIPE")])
+            apply_override(data, keys, value)
         except RecipeError as error:  # name the recipe and the override, not just "command line"
-            raise RecipeError(f"{path} (override {text!r})", error.problems) from None
+            raise RecipeError(f"{path} (override {shown(text)})", error.problems) from None
     source = str(path) + (" (with command-line overrides)" if overrides else "")
     recipe = validate_data(data, source)
     recipe.record_overrides([_named_path(parse_override(text)[0], data) for text in overrides])
@@ -390,9 +391,11 @@ def _render_path(loc: list, data: dict) -> str:
         if isinstance(item, int):
             name = node[item].get("name") if isinstance(node, list) and item < len(node) and isinstance(
                 node[item], dict) else None
-            parts.append(name if isinstance(name, str) and parts and parts[-1] == "stages" else f"[{item}]")
+            named = isinstance(name, str) and len(name) <= 64 and parts and parts[-1] == "stages"
+            parts.append(name if named else f"[{item}]")  # a stage name too long to be valid: its index
         else:
-            parts.append(str(item))
+            text = str(item)
+            parts.append(text if len(text) <= 64 else text[:61] + "...")  # a huge unknown key
         try:
             node = node[item]
         except (KeyError, IndexError, TypeError):
