@@ -205,7 +205,7 @@ class StageDataset(IterableDataset):
             index = stream.index(shard)
             if (position.epoch, shard) not in reported:  # a shard's own problems, counted once per epoch
                 reported.add((position.epoch, shard))
-                self._shard_problems(stream.shards[shard], index, state, recent, span)
+                self._shard_problems(stream.shards[shard], index, state, recent, span, offset, stride)
             order = stream.visiting_order(position.epoch, shard, len(index.samples), offset, stride)
             if position.sample >= len(order):
                 state.position = Position(position.epoch, position.shard + 1, 0)
@@ -232,7 +232,9 @@ class StageDataset(IterableDataset):
                 yield self._collate(batch, state)
                 batch = []
 
-    def _shard_problems(self, name: str, index: TarIndex, state: _RoleState, recent: deque, span: int) -> None:
+    def _shard_problems(self, name: str, index: TarIndex, state: _RoleState, recent: deque, span: int, offset: int,
+                        stride: int) -> None:
+        """Count a cut tar once, and this role's share (every stride-th) of the samples with unsafe member names."""
         if index.problem:
             log.warning("shard %s: %s; reading the %d complete samples", name, index.problem, len(index.samples))
             self._count_bad(state, recent, span, "truncated_shard")
@@ -240,7 +242,7 @@ class StageDataset(IterableDataset):
             shown = ", ".join(repr(n) for n in index.unsafe[:3]) + (", ..." if len(index.unsafe) > 3 else "")
             log.warning("shard %s: skipped %d samples whose member names are absolute or climb out of the tar (%s)",
                         name, index.unsafe_samples, shown)
-            for _ in range(index.unsafe_samples):
+            for _ in range(offset, index.unsafe_samples, stride):
                 self._count_bad(state, recent, span, "unsafe_member_name")
 
     def _count_bad(self, state: _RoleState, recent: deque, span: int, reason: str) -> None:

@@ -347,8 +347,10 @@ def test_short_run_on_mostly_bad_data_stops_within_its_first_epoch(tmp_path, wor
     assert loader.report() == "data: 20 of 50 samples read were bad (40.0%): missing_caption 20"
 
 
-def test_unsafe_member_names_are_skipped_and_counted(tmp_path):
-    """Members named ../../x or /abs/x are never read as samples, in the loader and in the shard index."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unsafe_member_names_are_skipped_and_counted(tmp_path, workers):
+    """Members named ../../x or /abs/x are never read as samples, in the loader and in the shard index; each is
+    counted once, also when two workers share the one shard."""
     import io
     import tarfile
 
@@ -374,7 +376,8 @@ def test_unsafe_member_names_are_skipped_and_counted(tmp_path):
     assert [key for key, _ in read_tar_index(folder / "shard-000000.tar")[0]] == ["good0", "good1", "sub/good2"]
 
     spec = ClipSpec(frames=2, width=16, height=16, fps=4)
-    loader = StageLoader(StageDataset(folder, spec, LoaderConfig(batch_size=1, max_bad_fraction=None, epochs=1)))
+    loader = StageLoader(StageDataset(folder, spec, LoaderConfig(batch_size=1, max_bad_fraction=None, epochs=1)),
+                         num_workers=workers)
     assert sorted(k for batch in loader for k in batch["keys"]) == ["good0", "good1", "sub/good2"]
     assert loader.total_bad == {"unsafe_member_name": 3} and loader.total_seen == 6
     # and under a budget they count as bad data: 3 of 6 is over 10%
