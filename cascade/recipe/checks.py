@@ -65,8 +65,8 @@ def _eval_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if "fvd" not in e.metrics:
         return []
     if e.frames < FVD_MIN_FRAMES:
-        return [("eval.frames", f"{e.frames}, but FVD (in eval.metrics) needs at least {FVD_MIN_FRAMES} frames (its I3D "
-                 f"protocol; canonical 16): raise eval.frames or drop fvd from eval.metrics")]
+        return [("eval.frames", f"{e.frames}, but FVD (in eval.metrics) needs at least {FVD_MIN_FRAMES} frames (its "
+                 f"I3D protocol; canonical 16): raise eval.frames or drop fvd from eval.metrics")]
     longest = max(recipe.stages, key=lambda s: s.frames)
     if longest.frames < e.frames:
         return [("eval.frames", f"{e.frames} frames for FVD, but the longest stage ({longest.name}) has "

@@ -313,6 +313,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         path = resolve_recipe_path(path)
     except FileNotFoundError as error:
         raise RecipeError(str(path), [("", f"cannot read the recipe: {error}")]) from None
+    except (OSError, ValueError) as error:  # a name too long for the file system, a NUL byte
+        cause = getattr(error, "strerror", None) or error
+        raise RecipeError(_plain(str(path)), [("", f"cannot read the recipe: {cause}")]) from None
     data = read_yaml(path)
     parent = data.get("extends")
     if parent is not None:

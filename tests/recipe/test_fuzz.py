@@ -152,7 +152,8 @@ def bomb_cases(rng: random.Random) -> list[Case]:
                       problem="aliases expand", source="parent.yaml"))
     for i, text in enumerate(["name: tiny\nstages: &s [*s]\n", "name: tiny\nstages: &s [1, [2, [*s]]]\n",
                               "name: tiny\neval: &e {a: *e}\n", "name: tiny\nstages: &s [{a: [*s]}]\n"]):
-        cases.append(Case(f"recursive-alias-{i}", {"recipe.yaml": text}, problem="refers to the value that contains it"))
+        cases.append(Case(f"recursive-alias-{i}", {"recipe.yaml": text},
+                          problem="refers to the value that contains it"))
     # Aliases that nest deeper than the limit without nesting in the text.
     chain = "name: tiny\n" + "\n".join([f"d0: &d0 [[[[[[1]]]]]]"] + [f"d{i}: &d{i} [[[[[[*d{i - 1}]]]]]]"
                                                                      for i in range(1, 12)]) + "\nstages: *d11\n"
@@ -522,3 +523,13 @@ def test_fvd_minimum_is_the_protocols():
     FVDProtocol(frames=FVD_MIN_FRAMES)
     with pytest.raises(ValueError, match="at least"):
         FVDProtocol(frames=FVD_MIN_FRAMES - 1)
+
+
+@pytest.mark.parametrize("argument, cause", [("x" * 5000 + ".yaml", "File name too long"),
+                                             ("a\0b.yaml", "cannot read the recipe")])
+def test_unusable_recipe_path_is_one_line(argument, cause, capsys):
+    """A recipe path the file system refuses (too long, a NUL byte) is one line, not an OSError traceback."""
+    assert main(["validate", argument]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert cause in err and len(err) < 1000
