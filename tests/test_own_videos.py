@@ -178,6 +178,8 @@ def _validate(folder: Path, out: str) -> None:
 
 
 def _train(folder: Path, out: str) -> None:
+    assert re.search(r"^data: \d+ samples read, none bad$", out, flags=re.M), out
+    assert "run folder: runs/mine/base" in out
     run = folder / "runs/mine/base"
     for name in ("checkpoints/last.ckpt", "recipe.yaml", "run.json"):
         assert (run / name).is_file(), name
