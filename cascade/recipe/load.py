@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 import re
 import reprlib
 import types
@@ -24,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from cascade.errors import one_line
 from cascade.recipe.builtin import resolve_recipe_path
 from cascade.recipe.checks import cascade_problems
-from cascade.recipe.schema import Recipe
+from cascade.recipe.schema import Recipe, number_text
 
 
 MAX_RECIPE_BYTES = 256 * 1024  # imagen-video.yaml, the largest shipped recipe, is 16 KB
@@ -242,16 +241,7 @@ class _Shown(reprlib.Repr):
         self.maxstring, self.maxother, self.maxlong = 60, 60, 40
 
     def repr_int(self, x: int, level: int) -> str:
-        return number(x)
-
-
-def number(value: int | float) -> str:
-    """A number for a message: in full up to 30 digits, else its order of magnitude (str() of an integer of
-    5,000 digits raises ValueError, and would be unreadable anyway)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
-        digits = int(value.bit_length() * math.log10(2))
-        return f"{'-' if value < 0 else ''}an integer of about {digits + 1} digits"
-    return repr(value)
+        return number_text(x)
 
 
 def _plain(value: Any) -> str:

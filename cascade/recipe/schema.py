@@ -40,17 +40,18 @@ class Sane:
 
     def _check(self, value: float) -> float:
         if self.high is not None and value > self.high:
-            raise ValueError(f"{_number(value)} is beyond {_number(self.high)}, which can only be a mistake")
+            raise ValueError(f"{number_text(value)} is beyond {number_text(self.high)}, which can only be a mistake")
         if self.low is not None and value < self.low:
-            raise ValueError(f"{_number(value)} is below {_number(self.low)}, which can only be a mistake")
+            raise ValueError(f"{number_text(value)} is below {number_text(self.low)}, which can only be a mistake")
         return value
 
 
-def _number(value: float) -> str:
-    """A number for a message: in full up to 30 digits, else its order of magnitude (str() of an integer of
-    5,000 digits raises ValueError)."""
-    if isinstance(value, int) and value.bit_length() > 100:
-        return f"{'-' if value < 0 else ''}an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+def number_text(value: float) -> str:
+    """A number for a message: in full up to 30 digits, else its size (str() of an integer of 5,000 digits raises
+    ValueError, and would be unreadable anyway)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        return f"{'a negative' if value < 0 else 'an'} integer of about {digits} digits"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
