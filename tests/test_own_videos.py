@@ -190,6 +190,15 @@ def _train(folder: Path, out: str) -> None:
     assert keys <= {id for id, *_ in VIDEOS} and keys  # trained on these videos, not the synthetic set
 
 
+def _wandb(folder: Path, out: str) -> None:
+    run = folder / "runs/mine/base"
+    assert re.search(r"^resuming base from runs/mine/base/checkpoints/\S+ \(step 4\)$", out, flags=re.M), out
+    steps = [json.loads(line)["step"] for line in (run / "train_steps.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 5]
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb")), offline
+
+
 def _export(folder: Path, out: str) -> None:
     from safetensors import safe_open
 
@@ -211,9 +220,10 @@ CHECKS = {
     "cascade recipes cp tiny tiny.yaml": _copy,
     "cat > my.yaml": _my_yaml,
     "cascade validate my.yaml": _validate,
-    "cascade train my.yaml --stage base ": _train,
+    "cascade train my.yaml --stage base stages.base.train.max_steps=4": _train,
     "cascade export ": _export,
     "cascade sample my.yaml ": _sample,
+    "cascade train my.yaml --stage base stages.base.train.max_steps=6 logging.wandb.project=mine": _wandb,
 }
 
 
@@ -232,7 +242,7 @@ def test_readme_recipe_validates(tmp_path):
     run_as_written(block, tmp_path)
 
 
-@pytest.mark.slow  # about 50 s of CPU; 80 to 145 s on two cores shared with other jobs
+@pytest.mark.slow  # 53 s on two otherwise idle cores; 80 to 145 s with other jobs on them
 def test_train_on_your_own_videos(tmp_path):
     """Every command of the section exits 0 in a folder laid out as it says and leaves what it says."""
     make_folder(tmp_path)
