@@ -132,8 +132,9 @@ class StepProgressBar(TQDMProgressBar):
 
 class Preemption(L.Callback):
     """On SIGUSR1 or SIGTERM: finish the current optimizer step (all its micro-batches), save `last.ckpt`, stop; the
-    process then exits 0. At the end of training, `last.ckpt` is saved too. Nothing here requeues a SLURM job: the
-    batch script does (slurm/README.md, "Preemption, time limits, requeue loops")."""
+    process then exits 0. At the end of training, `last.ckpt` is saved too. Before training starts (data, networks)
+    the same signals stop the run at once (cascade.lit.runfolder.interruptible_startup). Nothing here requeues a
+    SLURM job: the batch script does (slurm/README.md, "Preemption, time limits, requeue loops")."""
 
     def __init__(self, last_checkpoint: str | Path, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
         self.last_checkpoint = Path(last_checkpoint)

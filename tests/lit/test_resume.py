@@ -220,12 +220,16 @@ def _assert_checkpoints_intact(folder: Path) -> int:
     a rerun resumes from (0 without a checkpoint)."""
     from cascade.lit.train import resume_checkpoint
 
+    steps = {}
     for path in sorted((folder / "checkpoints").glob("*.ckpt")):
-        assert isinstance(_load(path)["global_step"], int), path
+        steps[path.name] = _load(path)["global_step"]
+        assert isinstance(steps[path.name], int), path
     chosen = resume_checkpoint(folder)
     if chosen is None:
         return 0
-    assert chosen.suffix == ".ckpt" and chosen.name == "last.ckpt", chosen
+    # last.ckpt, or a step-*.ckpt newer than it (a kill between writing the two): the newest checkpoint
+    assert chosen.suffix == ".ckpt" and steps[chosen.name] == max(steps.values()), (chosen, steps)
+    assert chosen.name == "last.ckpt" or steps[chosen.name] > steps.get("last.ckpt", -1), (chosen, steps)
     state = _load(chosen)
     tracked = [cb for cb in state["callbacks"].values() if "best_k_models" in cb]
     assert tracked, f"no checkpoint callback state in {chosen}: {list(state['callbacks'])}"

@@ -219,7 +219,7 @@ def test_lock_rules_slurm_restart_reentry_and_other_ranks(tmp_path, monkeypatch)
 
 # --- SIGTERM during start-up ------------------------------------------------------------------------------------
 
-def test_sigterm_during_startup_exits_cleanly_and_a_rerun_starts(overrides, tmp_path, capsys):
+def test_sigterm_during_startup_exits_cleanly_a_second_process_is_refused_and_a_rerun_starts(overrides, tmp_path, capsys):
     folder = Path(next(o.partition("=")[2] for o in overrides if o.startswith("run_dir="))) / "base"
     command = [sys.executable, "-m", "cascade.cli", "train", str(TINY), "--stage", "base", *overrides,
                "stages.base.train.max_steps=1"]
@@ -230,6 +230,10 @@ def test_sigterm_during_startup_exits_cleanly_and_a_rerun_starts(overrides, tmp_
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.005)
+        # A second process on the folder meanwhile is refused, naming the first.
+        assert train_cli(overrides, "stages.base.train.max_steps=1") == 2
+        refused = one_line_error(capsys.readouterr().err)
+        assert f"{folder} is in use by pid {process.pid} on host {socket.gethostname()}" in refused
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=60)
     finally:
