@@ -21,11 +21,11 @@ def one_line(text: object, limit: int = MAX_MESSAGE) -> str:
 
 
 def short_repr(value: object, limit: int = 80) -> str:
-    """repr() of a value for a message, cut to `limit` characters without building a huge string first where the
-    value is a large container."""
-    if isinstance(value, (list, tuple, dict, set)) and len(value) > 20:
-        return f"<{type(value).__name__} of {len(value)} items>"
-    text = repr(value)
+    """repr() of a value for a message, bounded however large or deep the value is (reprlib never builds the whole
+    repr of a nested container; integers too long to print are shown by their size)."""
+    from cascade.recipe.load import shown
+
+    text = shown(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -104,8 +104,11 @@ class FVDProtocol:
     resize: str = "tf1-bilinear"
 
     def __post_init__(self) -> None:
-        if self.frames < 9:
-            raise ValueError(f"FVDProtocol.frames = {self.frames}: I3D needs at least 9 frames (canonical: 16)")
+        from cascade.recipe.schema import FVD_MIN_FRAMES
+
+        if self.frames < FVD_MIN_FRAMES:
+            raise ValueError(f"FVDProtocol.frames = {self.frames}: I3D needs at least {FVD_MIN_FRAMES} frames "
+                             "(canonical: 16)")
         if self.offset < 0:
             raise ValueError(f"FVDProtocol.offset = {self.offset}: must be >= 0")
         if self.resolution < 193:

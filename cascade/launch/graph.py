@@ -109,12 +109,14 @@ def _data(recipe: Recipe) -> None:
 
 
 def _embed(recipe: Recipe, part: int, parts: int) -> None:
-    from cascade.data.embed import embed_shards
+    from cascade.data.embed import describe_part, embed_shards
     from cascade.recipe.build import dataset_folder
 
     te = recipe.text_encoder
-    embed_shards(dataset_folder(recipe), te.path, max_tokens=te.max_tokens, dtype=te.dtype,
-                 out=embedding_folder(recipe), part=part, parts=parts)
+    path = embed_shards(dataset_folder(recipe), te.path, max_tokens=te.max_tokens, dtype=te.dtype,
+                        out=embedding_folder(recipe), part=part, parts=parts)
+    summary, warns = describe_part(path)  # what `cascade data embed` prints: cut captions, unknown pieces, bad shards
+    print(summary, *(f"warning: {w}" for w in warns), sep="\n", flush=True)
 
 
 def _train(recipe: Recipe, name: str, out: Path) -> None:
