@@ -320,3 +320,32 @@ def test_the_screen_shows_steps_against_max_steps_and_keeps_library_warnings_in_
     assert re.search(r"data: \d+ samples read, none bad", screen), screen
     log = (folder / "train.log").read_text()
     assert "GPU available" in log
+
+
+def test_empty_loss_buckets_are_not_logged(overrides, tmp_path, monkeypatch):
+    """A log-SNR bucket no sample of a step fell in has no value that step: an empty CSV cell, nothing in wandb
+    (whose summary would otherwise show NaN, which reads as divergence)."""
+    import csv
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-env"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from wandb.sdk.wandb_run import Run
+
+    logged, log = [], Run.log
+
+    def spy(self, data, *args, **kwargs):  # what reaches the wandb run, on its way there
+        logged.append(dict(data))
+        return log(self, data, *args, **kwargs)
+    monkeypatch.setattr(Run, "log", spy)
+    folder = Path(next(o.partition("=")[2] for o in overrides if o.startswith("run_dir="))) / "base"
+    assert train_cli(overrides, "logging.wandb={project: cascade-test, mode: offline}", "stages.base.train.max_steps=3",
+                     "stages.base.train.batch_size=1") == 0
+    with open(folder / "logs" / "version_0" / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    buckets = [k for k in rows[0] if k.startswith("train/loss_t")]
+    assert buckets and len(rows) == 3
+    cells = [r[k] for r in rows for k in buckets]
+    assert "nan" not in cells and sum(c != "" for c in cells) == 3  # one sample per step: one bucket per step
+    values = [v for row in logged for k, v in row.items() if k.startswith("train/loss_t")]
+    assert len(values) == 3 and all(v == v for v in values), logged  # no NaN
