@@ -7,6 +7,8 @@ wrong; keep the message to one line (`one_line` cuts a long one). Programming er
 from __future__ import annotations
 
 import errno
+import math
+import reprlib
 
 MAX_MESSAGE = 2000  # characters of one error message; a YAML bomb or a huge value must not make a huge message
 
@@ -20,11 +22,35 @@ def one_line(text: object, limit: int = MAX_MESSAGE) -> str:
     return f"{flat[:keep]}... ({len(flat) - keep} more characters)"
 
 
-def short_repr(value: object, limit: int = 80) -> str:
-    """repr() of a value for a message, bounded however large or deep the value is (reprlib never builds the whole
-    repr of a nested container; integers too long to print are shown by their size)."""
-    from cascade.recipe.load import shown
+def number_text(value: float) -> str:
+    """A number for a message: in full up to 30 digits, else its size (str() of an integer of 5,000 digits raises
+    ValueError, and would be unreadable anyway)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        return f"{'a negative' if value < 0 else 'an'} integer of about {digits} digits"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
+
+class _Shown(reprlib.Repr):
+    """reprlib with small limits, and integers too long to print in full shown by their size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict, self.maxset = 3, 6, 6, 6, 6
+        self.maxstring, self.maxother, self.maxlong = 60, 60, 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        return number_text(x)
+
+
+def shown(value: object) -> str:
+    """repr() of a value for a message, bounded however large or deep the value is (reprlib never builds the whole
+    repr of a nested list)."""
+    return _Shown().repr(value)
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """`shown(value)` cut to `limit` characters."""
     text = shown(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-import reprlib
 import types
 import typing
 from pathlib import Path
@@ -20,10 +19,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from cascade.errors import one_line
+from cascade.errors import one_line, shown
 from cascade.recipe.builtin import resolve_recipe_path
 from cascade.recipe.checks import cascade_problems
-from cascade.recipe.schema import Recipe, number_text
+from cascade.recipe.schema import Recipe
 
 
 MAX_RECIPE_BYTES = 256 * 1024  # imagen-video.yaml, the largest shipped recipe, is 16 KB
@@ -232,27 +231,9 @@ def _yaml_message(error: yaml.YAMLError) -> str:
     return f"{where}{'' if isinstance(error, _Refused) else 'invalid YAML: '}{_yaml_problem(error)}"
 
 
-class _Shown(reprlib.Repr):
-    """reprlib with small limits, and integers too long to print in full shown by their size."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict, self.maxset = 3, 6, 6, 6, 6
-        self.maxstring, self.maxother, self.maxlong = 60, 60, 40
-
-    def repr_int(self, x: int, level: int) -> str:
-        return number_text(x)
-
-
 def _plain(value: Any) -> str:
     """A string as it is (cut to 200 characters), anything else as `shown`."""
     return one_line(value, 200) if isinstance(value, str) else shown(value)
-
-
-def shown(value: Any) -> str:
-    """repr() of a value for a message, bounded however large or deep the value is (reprlib never builds the whole
-    repr of a nested list)."""
-    return _Shown().repr(value)
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:

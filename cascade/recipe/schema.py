@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic_core import core_schema
 
+from cascade.errors import number_text
+
 
 @dataclass(frozen=True)
 class Sane:
@@ -44,15 +46,6 @@ class Sane:
         if self.low is not None and value < self.low:
             raise ValueError(f"{number_text(value)} is below {number_text(self.low)}, which can only be a mistake")
         return value
-
-
-def number_text(value: float) -> str:
-    """A number for a message: in full up to 30 digits, else its size (str() of an integer of 5,000 digits raises
-    ValueError, and would be unreadable anyway)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
-        digits = int(value.bit_length() * math.log10(2)) + 1
-        return f"{'a negative' if value < 0 else 'an'} integer of about {digits} digits"
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 # The bounds: far above any real recipe (imagen-video.yaml: channels 384, 8 res blocks, 1280 pixels, 128 frames,
