@@ -65,8 +65,10 @@ class Manifest:
     def read(cls, folder: str | Path) -> Manifest:
         path = Path(folder) / MANIFEST
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no manifest; build the dataset with `cascade data synth` or a builder "
-                                    f"in data/")
+            where = "no such folder" if not Path(folder).is_dir() else "the folder holds no manifest.json"
+            raise FileNotFoundError(f"{path}: not a dataset ({where}; the recipe's data.shards or data.root points "
+                                    f"here): build one with `cascade data videos` (your videos), `cascade data images` "
+                                    f"or `cascade data synth`")
         data = json.loads(path.read_text())
         return cls(shards=data["shards"], videos=data.get("videos", 0), images=data.get("images", 0),
                    video_seconds=data.get("video_seconds", 0.0), skipped=data.get("skipped", []),

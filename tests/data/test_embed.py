@@ -232,14 +232,14 @@ def test_cli_embed_and_tiny_t5(shards, t5, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error:") and message in err, err
 
-    fails(["data", "embed", "--shards", str(tmp_path / "none"), "--encoder", str(t5)], "no manifest")
+    fails(["data", "embed", "--shards", str(tmp_path / "none"), "--encoder", str(t5)], "not a dataset")
     fails(["data", "embed", "--shards", str(shards), "--encoder", str(t5), "--part", "2", "--parts", "2"],
           "--part 2 --parts 2")
     fails(["data", "embed", "--shards", str(shards), "--encoder", str(tmp_path / "no-t5")], "does not exist")
     (tmp_path / "empty-t5").mkdir()
     fails(["data", "embed", "--shards", str(shards), "--encoder", str(tmp_path / "empty-t5")],
           "has no config.json")
-    fails(["data", "tiny-t5", "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "t")], "no manifest")
+    fails(["data", "tiny-t5", "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "t")], "not a dataset")
     fails(["data", "tiny-t5", "--shards", str(shards), "--out", str(tmp_path / "t"), "--heads", "5"],
           "not a multiple of heads")
 

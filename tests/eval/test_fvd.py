@@ -270,7 +270,7 @@ def test_reference_stats_errors(dataset, tmp_path):
         reference_stats(dataset, FVDProtocol(), num_videos=1, cache_dir=tmp_path, extractor=fake)
     with pytest.raises(ValueError, match="clips of at least 17 frames"):
         reference_stats(dataset, FVDProtocol(offset=1), num_videos=2, frames=16, cache_dir=tmp_path, extractor=fake)
-    with pytest.raises(FileNotFoundError, match="no manifest"):
+    with pytest.raises(FileNotFoundError, match="not a dataset"):
         reference_stats(tmp_path / "nothing", FVDProtocol(), num_videos=2, cache_dir=tmp_path, extractor=fake)
     assert not list(tmp_path.glob("*.npz"))
 
