@@ -101,21 +101,17 @@ class StepProgressBar(TQDMProgressBar):
     `Epoch 0/-2`, then `40/10` under gradient accumulation), from the step a resumed run starts at."""
 
     def init_train_tqdm(self):
-        bar = super().init_train_tqdm()
-        bar.reset(total=self.trainer.max_steps if self.trainer.max_steps > 0 else None)
-        return bar
+        import sys
 
-    @property
-    def train_description(self) -> str:
-        return "steps"
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+        steps = self.trainer.max_steps
+        return Tqdm(desc="steps", total=steps if steps > 0 else None, initial=self.trainer.global_step,
+                    position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
+                    file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
 
     def on_train_epoch_start(self, trainer, *_) -> None:
-        bar = self.train_progress_bar
-        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
-        bar.initial = trainer.global_step
-        bar.n = trainer.global_step
-        bar.set_description("steps")
-        bar.refresh()
+        """Not Lightning's reset to batch 0 of the epoch: the bar counts steps across epochs."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         bar = self.train_progress_bar
