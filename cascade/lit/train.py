@@ -210,9 +210,10 @@ def fit(recipe: Recipe, stage: Stage, folder: Path, module, extra_callbacks=(), 
         try:
             trainer.fit(module, datamodule=data, ckpt_path=resume.path, weights_only=True)
         finally:  # end this run's wandb run: the next fit() in this process would otherwise log into it
+            from lightning.pytorch.loggers import WandbLogger
+
             for logger in trainer.loggers:
-                if type(logger).__name__ in ("WandbLogger", "StepWandbLogger") and getattr(
-                        logger, "_experiment", None) is not None:
+                if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
                     logger.experiment.finish()
     if trainer.is_global_zero:
         print(data.report(), flush=True)
