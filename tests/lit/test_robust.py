@@ -176,6 +176,12 @@ def test_a_second_process_is_refused_with_the_holder_named(overrides, capsys):
         assert f"{folder} is in use by pid {holder.pid} on host {socket.gethostname()} since 2026-01-01" in line
         assert f"if that process is gone (its machine died), delete {folder / LOCK}" in line
         assert not (folder / "checkpoints").exists() and json.loads((folder / LOCK).read_text())["pid"] == holder.pid
+        # A distillation folder alike, before the teacher is even looked for.
+        (folder / "distill").mkdir()
+        (folder / "distill" / LOCK).write_text(json.dumps(_lock_of(holder.pid)))
+        assert main(["distill", str(TINY), *overrides, "--stage", "base"]) == 2
+        line = one_line_error(capsys.readouterr().err)
+        assert f"{folder / 'distill'} is in use by pid {holder.pid}" in line and "distillation folder" in line
     finally:
         holder.kill()
         holder.wait()
@@ -349,3 +355,20 @@ def test_empty_loss_buckets_are_not_logged(overrides, tmp_path, monkeypatch):
     assert "nan" not in cells and sum(c != "" for c in cells) == 3  # one sample per step: one bucket per step
     values = [v for row in logged for k, v in row.items() if k.startswith("train/loss_t")]
     assert len(values) == 3 and all(v == v for v in values), logged  # no NaN
+
+
+def test_the_bad_sample_counts_are_printed_at_the_end_of_a_run(overrides, monkeypatch, capsys):
+    import cascade.data.loader as loader
+    from cascade.data.clips import BadSample
+
+    original, calls = loader.make_example, [0]
+
+    def every_fourth_bad(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] % 4 == 0:
+            raise BadSample("decode_error", "the test's broken video")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(loader, "make_example", every_fourth_bad)
+    assert train_cli(overrides, "data.max_bad_fraction=0.5", "stages.base.train.max_steps=2") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^data: \d+ of \d+ samples read were bad \(\d+\.\d%\): decode_error \d+$", out, re.M), out
