@@ -1,8 +1,10 @@
 """One stage's training run from a recipe (Lightning glue), and its EMA weights as safetensors.
 
 The stage's run folder (`recipe.run_folder(STAGE)`) holds the resolved recipe, the git commit and the environment,
-checkpoints (every N steps, atomic, the last K plus last.ckpt), CSV logs, a step journal and sample videos. Training
-again resumes from the last checkpoint. `fit` is shared by training and every distillation round.
+checkpoints (every N steps, atomic, the last K plus last.ckpt), CSV logs, a step journal, sample videos, train.log
+(Lightning's messages and library warnings, kept off the screen) and, while a process trains in it, run.lock.
+Training again resumes from the newest checkpoint that loads (cascade.lit.runfolder). `fit` is shared by training
+and every distillation round.
 """
 
 from __future__ import annotations
