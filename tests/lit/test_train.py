@@ -128,12 +128,13 @@ def test_run_folder_checkpoint_cadence_retention_and_metrics(overrides):
     assert {"train/loss", "train/lr", "train/grad_norm", "train/videos_per_second"} <= columns
     buckets = sorted(c for c in columns if c.startswith("train/loss_t"))
     assert len(buckets) == 4
-    values = [[float(r[c]) for c in buckets] for r in rows]
+    assert all(r[c] != "nan" for r in rows for c in buckets)  # nothing is logged for an empty bucket
+    values = [[float(r[c]) if r[c] else math.nan for c in buckets] for r in rows]
     for row, bucket_losses in zip(rows, values):  # the step's loss is a weighted mean of its buckets' losses
         present = [v for v in bucket_losses if not math.isnan(v)]
         assert min(present) - 1e-6 <= float(row["train/loss"]) <= max(present) + 1e-6
-    # A bucket no sample of a step fell in is NaN in that row, not the value of an earlier step (with this seed,
-    # some bucket has samples in one step and none in the next).
+    # A bucket no sample of a step fell in is an empty cell in that row, not the value of an earlier step (with this
+    # seed, some bucket has samples in one step and none in the next).
     assert any(math.isnan(now) and not math.isnan(before)
                for previous, current in zip(values, values[1:]) for before, now in zip(previous, current))
     # Linear warm-up over 10 steps from lr 2e-4: the logged lr is that of the step being taken.
