@@ -70,9 +70,11 @@ def _stale(holder: dict, path: Path) -> str | None:
     """Why the lock `holder` wrote is stale, or None while its process may still be running."""
     host, pid, job = holder.get("host"), holder.get("pid"), os.environ.get("SLURM_JOB_ID")
     if not isinstance(pid, int) or not host:
-        if time.time() - path.stat().st_mtime > 60:  # not a lock being written this instant
-            return "it does not say who holds it"
-        return None
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:  # released meanwhile
+            return None
+        return "it does not say who holds it" if age > 60 else None  # else a lock being written this instant
     if host == socket.gethostname():
         if pid == os.getpid() and holder.get("start") != _process_start(pid):
             return f"pid {pid} was an earlier process (this one reuses its pid)"

@@ -216,6 +216,11 @@ def test_lock_rules_slurm_restart_reentry_and_other_ranks(tmp_path, monkeypatch)
     (folder / LOCK).write_text(json.dumps(dict(host=socket.gethostname(), pid=os.getpid(), start="1", since="x")))
     with RunLock(folder) as lock:
         assert lock.held
+    # A lock file that names no holder (cut off while written) and is older than a minute: stale.
+    (folder / LOCK).write_text("{")
+    os.utime(folder / LOCK, (time.time() - 120, time.time() - 120))
+    with RunLock(folder) as lock:
+        assert lock.held
     # Ranks other than the launching one (Lightning's LOCAL_RANK > 0, srun's SLURM_PROCID > 0) take no lock.
     (folder / LOCK).write_text(json.dumps(dict(host="node-7", pid=1, slurm_job="999", since="x")))
     monkeypatch.setenv("LOCAL_RANK", "1")
