@@ -16,19 +16,33 @@ from cascade.recipe.schema import Stage
 from cascade.weights import WeightsInfo, save_weights
 
 
-def teacher_weights(recipe: Recipe, stage: Stage, teacher: str | Path | None) -> tuple[dict, Path]:
-    """The trained stage's EMA weights: a safetensors file, or the EMA part of the stage's last checkpoint (read
-    through cascade.loading: a file that is not one is a one-line UserError)."""
+def teacher_weights(recipe: Recipe, stage: Stage, teacher: str | Path | None) -> tuple[dict, Path, dict]:
+    """The trained stage's EMA weights, their file and its metadata: a safetensors file, or the EMA part of the
+    stage's last checkpoint (read through cascade.loading: a file that is not one is a one-line UserError)."""
     from cascade.lit.sharding import checkpoint_complete
     from cascade.lit.train import ema_weights
-    from cascade.loading import load_safetensors
+    from cascade.weights import read_weights
 
     path = Path(teacher) if teacher is not None else recipe.run_folder(stage.name) / "checkpoints" / "last.ckpt"
     if not checkpoint_complete(path):
         raise FileNotFoundError(f"{path}: no trained weights for stage {stage.name}; train it first "
                                 f"(`cascade train RECIPE --stage {stage.name}`) or pass --teacher FILE")
-    return (load_safetensors(path, "teacher weights file") if path.suffix == ".safetensors" else ema_weights(path)[0]
-            ), path
+    if path.suffix == ".safetensors":
+        tensors, metadata = read_weights(path, f"teacher weights file of stage {stage.name}")
+        return tensors, path, metadata
+    return ema_weights(path)[0], path, {}
+
+
+def check_fits(net: nn.Module, state: dict, path: Path, metadata: dict, recipe: Recipe, stage: Stage) -> None:
+    """UserError naming the file and the recipe fields it was trained with otherwise when `state` does not fit
+    `net` (cascade.weights.explain_mismatch), instead of load_state_dict's size-mismatch traceback."""
+    from cascade.errors import UserError
+    from cascade.weights import explain_mismatch, tensor_mismatch
+
+    problem = tensor_mismatch(net.state_dict(), state)
+    if problem is not None:
+        raise UserError(explain_mismatch(path, stage.name, metadata, stage.model_dump(mode="json"),
+                                         recipe.text_encoder.model_dump(mode="json"), problem))
 
 
 def full_weights(net: nn.Module) -> dict:
@@ -77,7 +91,7 @@ def _distill(recipe: Recipe, stage: Stage, teacher: str | Path | None, extra_cal
     ensure_dataset(recipe)
     check_text_encoder(recipe)
     rounds = build_distillation_rounds(stage)
-    state, source = teacher_weights(recipe, stage, teacher)
+    state, source, metadata = teacher_weights(recipe, stage, teacher)
     lineage = [dict(kind="teacher", path=str(source), sha256=file_sha256(source),
                     steps=stage.distill.progressive.start_steps)]
     teacher_guided = False
@@ -88,6 +102,7 @@ def _distill(recipe: Recipe, stage: Stage, teacher: str | Path | None, extra_cal
         if not student_file.is_file():
             torch.manual_seed(stage.train.seed)
             teacher_net = build_unet(stage, recipe, guidance_conditioning=teacher_guided)
+            check_fits(teacher_net, state, source, metadata, recipe, stage)
             teacher_net.load_state_dict(state)
             student_net = build_unet(stage, recipe, guidance_conditioning=method.guidance_input)
             missing = student_net.load_state_dict(state, strict=False).missing_keys  # new: the w embedding only

@@ -158,6 +158,12 @@ def build_trainer(recipe: Recipe, stage: Stage, folder: Path, module, extra_call
     if recipe.logging.wandb is not None:
         import wandb
 
+        if recipe.logging.wandb.mode == "online" and not wandb.login(prompt=False, verify=False):
+            from cascade.errors import UserError
+
+            raise UserError("logging.wandb.mode is online but wandb has no API key here: run `wandb login` or set "
+                            "WANDB_API_KEY (logging.wandb.mode=offline needs none; `wandb sync` uploads later)")
+
         from cascade.lit.callbacks import StepWandbLogger
 
         w = recipe.logging.wandb
@@ -238,7 +244,8 @@ def library_messages_to(log: Path):
     log.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    # cascade.data: one line per skipped sample (its shard, key and reason); the screen gets the counts at the end
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "cascade.data")]
     saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
     diverted = _Diverted()
 
@@ -261,15 +268,41 @@ def library_messages_to(log: Path):
 
 
 def check_text_encoder(recipe: Recipe) -> None:
-    """Fail before any work when the recipe's text encoder cannot be loaded here (FileNotFoundError)."""
+    """Fail before any work when the recipe's text encoder cannot be loaded here (FileNotFoundError), or its
+    width (config.json's d_model) or the embedding cache's is not text_encoder.dim (UserError)."""
+    from cascade.errors import UserError
     from cascade.nn.text import locate_text_encoder
+    from cascade.recipe.build import dataset_folder, embeddings_folder
 
+    te = recipe.text_encoder
     try:
-        locate_text_encoder(recipe.text_encoder.path)
+        where = locate_text_encoder(te.path)
     except FileNotFoundError as error:
-        hint = (f"; build it with `cascade data tiny-t5 --shards {recipe.data.root} --out {recipe.text_encoder.path}`"
-                if recipe.text_encoder.build_tiny else "")
+        hint = (f"; build it with `cascade data tiny-t5 --shards {dataset_folder(recipe)} --out {te.path}` "
+                f"(--tokenizer FILE to use an existing sentencepiece tokenizer)" if te.build_tiny else "")
         raise FileNotFoundError(f"text_encoder.path: {error}{hint}") from None
+    if where == "folder":  # the width the U-Nets' cross-attention is built for must be the encoder's
+        config = Path(te.path) / "config.json"
+        try:
+            d_model = json.loads(config.read_text()).get("d_model")
+        except (OSError, ValueError, AttributeError) as error:
+            raise UserError(f"{config}: not a readable T5 config ({type(error).__name__}: {error})") from None
+        if d_model is not None and d_model != te.dim:
+            raise UserError(f"text_encoder.dim is {te.dim}, but the T5 at {te.path} has d_model {d_model} "
+                            f"({config}): set text_encoder.dim={d_model}")
+    parts = sorted(Path(embeddings_folder(recipe)).glob("part-*-of-*.safetensors"))
+    if parts:  # the cached embeddings' width too (their max_tokens is checked when the loader opens them)
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(parts[0]), framework="pt") as file:
+                dim = (file.metadata() or {}).get("dim")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise UserError(f"{parts[0]}: not a readable embedding cache part: {error}") from None
+        if dim is not None and str(dim) != str(te.dim):
+            raise UserError(f"{parts[0]}: embedding cache of width {dim}, but text_encoder.dim is {te.dim}: it was "
+                            f"built with another encoder; rebuild it with `cascade data embed --shards "
+                            f"{dataset_folder(recipe)} --encoder {te.path} --max-tokens {te.max_tokens}`")
 
 
 def train(recipe: Recipe, stage_name: str, extra_callbacks=(), module_hook=None) -> Path:

@@ -377,3 +377,55 @@ def test_the_bad_sample_counts_are_printed_at_the_end_of_a_run(overrides, monkey
     assert train_cli(overrides, "data.max_bad_fraction=0.5", "stages.base.train.max_steps=2") == 0
     out = capsys.readouterr().out
     assert re.search(r"^data: \d+ of \d+ samples read were bad \(\d+\.\d%\): decode_error \d+$", out, re.M), out
+
+
+# --- a teacher, a text encoder or a cache that does not fit the recipe; wandb online without a key ---------------
+
+def test_a_teacher_trained_with_other_settings_names_the_fields(overrides, tmp_path, capsys):
+    """`cascade distill --teacher` with weights exported from channels 16 while the recipe says 32: one line naming
+    the field and both values (from the file's cascade.stage metadata), not load_state_dict's size-mismatch
+    traceback."""
+    from cascade.recipe import load_recipe
+    from cascade.recipe.build import build_unet
+    from cascade.weights import WeightsInfo, save_weights
+
+    other = load_recipe(TINY, [*overrides, "stages.base.unet.channels=16"])
+    stage = other.stage("base")
+    teacher = tmp_path / "base.safetensors"
+    save_weights(teacher, build_unet(stage, other).state_dict(), WeightsInfo(kind="ema"), {
+        "cascade.stage": json.dumps(stage.model_dump(mode="json")),
+        "cascade.text_encoder": json.dumps(other.text_encoder.model_dump(mode="json"))})
+    capsys.readouterr()
+    assert main(["distill", str(TINY), *overrides, "--stage", "base", "--teacher", str(teacher)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{teacher}: trained with stages.base.unet.channels 16, the recipe says 32" in line, line
+
+
+def test_a_text_encoder_or_cache_of_another_width_is_one_line(prepared, overrides, tmp_path, capsys):
+    """text_encoder.dim must be the T5's d_model (config.json) and the embedding cache's width: named before any
+    work, with the value to set or the command to rebuild."""
+    d_model = json.loads((Path(prepared["t5"]) / "config.json").read_text())["d_model"]
+    assert train_cli([*overrides, f"text_encoder.dim={d_model * 2}"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"text_encoder.dim is {d_model * 2}, but the T5 at {prepared['t5']} has d_model {d_model}" in line, line
+    # a T5 of the recipe's width, but the cache was built with the other one
+    wide = tmp_path / "t5-wide"
+    shutil.copytree(prepared["t5"], wide)
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "d_model": d_model * 2}))
+    assert train_cli([*overrides, f"text_encoder.path={wide}", f"text_encoder.dim={d_model * 2}"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"embedding cache of width {d_model}, but text_encoder.dim is {d_model * 2}" in line, line
+    assert "cascade data embed --shards" in line
+    run_dir = Path(next(o.partition("=")[2] for o in overrides if o.startswith("run_dir=")))
+    assert not (run_dir / "base" / "checkpoints").exists()
+
+
+def test_wandb_online_without_an_api_key_is_one_line(overrides, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(Path(next(o.partition("=")[2] for o in overrides if o.startswith("run_dir=")))))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", os.environ["HOME"])
+    assert train_cli([*overrides, "logging.wandb.project=mine", "logging.wandb.mode=online",
+                      "stages.base.train.max_steps=1"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "logging.wandb.mode is online but wandb has no API key here" in line, line
