@@ -11,6 +11,7 @@ huge strings, bad command-line overrides. Most run in-process through `cascade.c
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 import resource
@@ -404,28 +405,36 @@ def test_fuzzed_recipes_fail_cleanly(tmp_path, capsys):
 
 # --- the nastiest, as real processes under an address-space limit ---------------------------------------------
 
-def _run_limited(argv: list[str], folder: Path, limit_bytes: int = 512 * 2**20, timeout: float = 60.0):
-    """Run `python -m cascade.cli ARGV` with RLIMIT_AS; return (exit code, stderr, wall s, CPU s, peak RSS bytes)."""
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+# A small launcher runs the command as its own child and reports that child's rusage: a process forked straight from
+# pytest would report pytest's peak RSS as its own (Linux keeps the high-water mark of the memory a process was
+# forked with across exec), so its ru_maxrss says nothing about the command.
+LAUNCHER = """
+import json, os, resource, subprocess, sys
+limit, report, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+proc = subprocess.Popen(argv)
+_, status, usage = os.wait4(proc.pid, 0)
+with open(report, "w") as f:
+    json.dump(dict(code=os.waitstatus_to_exitcode(status), cpu=usage.ru_utime + usage.ru_stime,
+                   rss=usage.ru_maxrss * 1024), f)
+"""
 
+
+def _run_limited(argv: list[str], folder: Path, limit_bytes: int = 512 * 2**20, timeout: float = 60.0):
+    """Run `python -m cascade.cli ARGV` under RLIMIT_AS; return (exit code, stderr, wall s, CPU s, peak RSS bytes)
+    of that process alone."""
+    report = folder / "usage.json"
+    command = [sys.executable, "-c", LAUNCHER, str(limit_bytes), str(report), sys.executable, "-m", "cascade.cli",
+               *argv]
     with open(folder / "out", "wb") as out, open(folder / "err", "wb") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", *argv], stdout=out, stderr=err,
-                                preexec_fn=limit)
-        while True:  # wait4 gives the child's own CPU time and peak RSS
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() - start > timeout:
-                proc.kill()
-                _, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.02)
+        try:
+            subprocess.run(command, stdout=out, stderr=err, timeout=timeout, start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"cascade {' '.join(argv)} ran past {timeout} s") from None
         wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return (proc.returncode, (folder / "err").read_text(errors="replace"), wall, usage.ru_utime + usage.ru_stime,
-            usage.ru_maxrss * 1024)
+    usage = json.loads(report.read_text())
+    return usage["code"], (folder / "err").read_text(errors="replace"), wall, usage["cpu"], usage["rss"]
 
 
 NASTY = {
