@@ -9,10 +9,10 @@ cannot be restored; its shard format and writer are kept). Every random choice o
 whether a still is used) is seeded by (seed, epoch, shard, sample), so it does not depend on which worker reads it.
 
 Bad data never stops a run: a sample that fails is skipped, counted per reason and logged with its key; only an
-error budget stops it, loudly, with the counts. The budget is judged from the first sample on: over `span` samples
-(the window, or a worker role's share of one epoch when that is shorter) at most `max_bad_fraction` may be bad, so
-the run stops as soon as the bad ones seen outnumber what `span` allows, and from `span` samples on when more than
-that fraction of the last `window` were bad. Tar members whose names are absolute or climb out (`../x`) are never
+error budget stops it, loudly, with the counts. The budget is judged from the first sample on: once `window` samples
+were read, more than `max_bad_fraction` of the last `window` stops the run; before that, as soon as the bad count so
+far is implausible for data within the budget (binomial upper tail below 1e-3), so a short run on mostly bad data
+stops within a few samples while one bad video among a few good ones does not stop a run it would not stop later. Tar members whose names are absolute or climb out (`../x`) are never
 read: they are skipped and counted as `unsafe_member_name`.
 
 Errors a user can act on (`UserError`: the budget, a cache built for another max_tokens) cross from a DataLoader
@@ -22,6 +22,7 @@ worker to the main process as a message, and are raised there: one line, not a w
 from __future__ import annotations
 
 import logging
+import math
 import tarfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -37,6 +38,25 @@ from cascade.data.shards import Manifest, TarIndex, scan_tar
 from cascade.errors import UserError
 
 log = logging.getLogger("cascade.data")
+
+
+BUDGET_CERTAINTY = 1e-3  # stop before the window is full once data within the budget would be this unlikely
+
+
+def bad_tail(bad: int, seen: int, fraction: float) -> float:
+    """P(at least `bad` bad samples among `seen`) when each is bad with probability `fraction` (binomial upper tail,
+    summed in log space; exact for the window's sizes)."""
+    if bad <= 0:
+        return 1.0
+    if fraction <= 0:
+        return 0.0
+    if fraction >= 1:
+        return 1.0
+    log_p, log_q = math.log(fraction), math.log1p(-fraction)
+    terms = [math.lgamma(seen + 1) - math.lgamma(k + 1) - math.lgamma(seen - k + 1) + k * log_p + (seen - k) * log_q
+             for k in range(bad, seen + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
 class DataBudgetExceeded(UserError):
@@ -166,19 +186,10 @@ class StageDataset(IterableDataset):
         except UserError as error:  # raised again by StageLoader in the main process: one line, no worker traceback
             yield self._stats(state, error=error)
 
-    def budget_span(self, roles: int) -> int:
-        """Samples over which the bad-data budget is judged: the window, or one role's expected share of an epoch
-        (samples left out to reach image_fraction do not count) when that is shorter."""
-        total = self.manifest.images + self.manifest.videos
-        kept = (self.manifest.images * self._keep_image + self.manifest.videos * self._keep_video) / total \
-            if total else 1.0
-        return max(1, min(self.config.window, round(self.manifest.samples * kept / roles)))
-
     def _batches(self, state: _RoleState, workers: int) -> Iterator[dict]:
         roles = workers * self.config.world_size
         stream = ShardStream(self.folder, [s["path"] for s in self.manifest.shards], self.config.seed,
                              self.config.rank * workers + state.role, roles)
-        span = self.budget_span(roles)
         encode = self.text_source() if self.text_source is not None else None
         if hasattr(encode, "open"):
             encode.open()  # a cache unusable as a whole (another max_tokens, encoder) stops the run before any work
@@ -205,7 +216,7 @@ class StageDataset(IterableDataset):
             index = stream.index(shard)
             if (position.epoch, shard) not in reported:  # a shard's own problems, counted once per epoch
                 reported.add((position.epoch, shard))
-                self._shard_problems(stream.shards[shard], index, state, recent, span, offset, stride)
+                self._shard_problems(stream.shards[shard], index, state, recent, offset, stride)
             order = stream.visiting_order(position.epoch, shard, len(index.samples), offset, stride)
             if position.sample >= len(order):
                 state.position = Position(position.epoch, position.shard + 1, 0)
@@ -222,7 +233,7 @@ class StageDataset(IterableDataset):
                     example["text"], example["text_mask"] = self._encode(encode, example["caption"])
             except BadSample as bad:
                 log.warning("skipped sample %s in %s: %s", key, stream.shards[shard], bad)
-                self._count_bad(state, recent, span, bad.reason)
+                self._count_bad(state, recent, bad.reason)
                 continue
             state.seen += 1
             recent.append(False)
@@ -232,24 +243,24 @@ class StageDataset(IterableDataset):
                 yield self._collate(batch, state)
                 batch = []
 
-    def _shard_problems(self, name: str, index: TarIndex, state: _RoleState, recent: deque, span: int, offset: int,
+    def _shard_problems(self, name: str, index: TarIndex, state: _RoleState, recent: deque, offset: int,
                         stride: int) -> None:
         """Count a cut tar once, and this role's share (every stride-th) of the samples with unsafe member names."""
         if index.problem:
             log.warning("shard %s: %s; reading the %d complete samples", name, index.problem, len(index.samples))
-            self._count_bad(state, recent, span, "truncated_shard")
+            self._count_bad(state, recent, "truncated_shard")
         if index.unsafe:
             shown = ", ".join(repr(n) for n in index.unsafe[:3]) + (", ..." if len(index.unsafe) > 3 else "")
             log.warning("shard %s: skipped %d samples whose member names are absolute or climb out of the tar (%s)",
                         name, index.unsafe_samples, shown)
             for _ in range(offset, index.unsafe_samples, stride):
-                self._count_bad(state, recent, span, "unsafe_member_name")
+                self._count_bad(state, recent, "unsafe_member_name")
 
-    def _count_bad(self, state: _RoleState, recent: deque, span: int, reason: str) -> None:
+    def _count_bad(self, state: _RoleState, recent: deque, reason: str) -> None:
         state.counts[reason] += 1
         state.seen += 1
         recent.append(True)
-        self._check_budget(recent, state.counts, span)
+        self._check_budget(recent, state.counts)
 
     def _example(self, stream: ShardStream, shard: int, key: str, members: dict, rng: np.random.Generator,
                  cache: FrameCache | None) -> dict | None:
@@ -267,23 +278,28 @@ class StageDataset(IterableDataset):
         except CacheEntryError as error:  # a wrong-size cached embedding is one bad sample, not a dead run
             raise BadSample("bad_embedding", str(error)) from None
 
-    def _check_budget(self, recent: deque, counts: Counter, span: int) -> None:
-        """Raise DataBudgetExceeded when more than max_bad_fraction of `span` samples are bad already (before
-        `span` samples are seen), or of the last `window` samples (after)."""
+    def _check_budget(self, recent: deque, counts: Counter) -> None:
+        """Raise DataBudgetExceeded when the bad samples are more than max_bad_fraction allows: over the last `window`
+        samples once that many were read; before that, as soon as the count read so far is implausible for data
+        within the budget (a binomial upper tail below BUDGET_CERTAINTY: 11 bad in the first 17 at 1 %), so a short
+        run on mostly bad data stops early while a single bad sample among a few good ones does not."""
         limit = self.config.max_bad_fraction
         if limit is None:
             return
         bad, seen = sum(recent), len(recent)
-        if seen < span and bad > limit * span:
-            where = f"bad sample{'s' * (bad != 1)} in the first {seen} read, more than the budget allows in {span}"
-        elif seen >= span and bad > limit * seen:
+        if seen < self.config.window:
+            if bad_tail(bad, seen, limit) >= BUDGET_CERTAINTY:
+                return
+            where = (f"bad sample{'s' * (bad != 1)} in the first {seen} read, more than the budget allows (data within "
+                     f"it would show that many less than once in {round(1 / BUDGET_CERTAINTY):,} runs)")
+        elif bad > limit * seen:
             where = f"of the last {seen} samples were bad"
         else:
             return
         reasons = ", ".join(f"{reason} {count}" for reason, count in counts.most_common())
         raise DataBudgetExceeded(f"{self.folder}: {bad} {where} (data.max_bad_fraction {limit:.1%}); counts by "
-                                 f"reason: {reasons}; each skipped sample is logged (logger cascade.data) with its "
-                                 f"shard and key")
+                                 f"reason: {reasons}; each skipped sample is logged (logger cascade.data, in the run "
+                                 f"folder's train.log) with its shard and key")
 
     def _stats(self, state: _RoleState, error: UserError | None = None) -> dict:
         """A batch-less item: the role's counts (the end of a finite pass) or an error for the main process."""

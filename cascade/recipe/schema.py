@@ -368,7 +368,9 @@ class Data(Strict):
     embeddings: PathText | None = None
     """T5 embedding cache folder; None: DATASET/embeddings. Without a cache captions are encoded on the fly."""
     max_bad_fraction: Probability | None = 0.01
-    """Stop the run when more than this share of the last `bad_window` samples were bad; None: never."""
+    """Stop the run when more than this share of the last `bad_window` samples were bad, and before that many were
+    read as soon as the bad count is implausible for data within this share (binomial tail below 1e-3); None:
+    never."""
     bad_window: Steps = 1000
     decode_cache_mb: Annotated[int, Field(ge=0), Sane(high=2**24)] = 0
     """Per DataLoader worker: keep decoded videos (every frame, at the stage's size) in memory, up to this many MiB,
