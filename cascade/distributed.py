@@ -71,8 +71,10 @@ def resolve_device(requested: torch.device | str | None, local_rank: int = 0, wo
         raise ValueError(f"--device {requested}: not a device (e.g. cuda, cuda:1, cpu)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: CUDA is not available here (torch.cuda.is_available() is "
-                             f"False); use --device cpu, or leave --device out")
+            hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+            why = "" if hidden is None else f", CUDA_VISIBLE_DEVICES={hidden!r}"
+            raise ValueError(f"--device {requested}: no CUDA device is visible here (CUDA is not available: "
+                             f"torch.cuda.is_available() is False{why}); use --device cpu, or leave --device out")
         if device.index is None:
             device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
         if device.index >= torch.cuda.device_count():

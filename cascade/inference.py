@@ -44,22 +44,14 @@ def default_device() -> torch.device:
 
 def check_device(requested: torch.device | str | None) -> None:
     """UserError (one line, exit 2) unless `requested` (a --device value; None: CUDA if present, else the CPU) names
-    a device this machine has: checked before any work."""
-    if requested is None:
-        return
-    try:
-        device = torch.device(requested)
-    except (RuntimeError, TypeError):
-        raise UserError(f"--device {requested}: not a device (e.g. cuda, cuda:1, cpu)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        import os
+    a device this machine has (`resolve_device`'s checks): called before any work."""
+    from cascade.distributed import resolve_device
 
-        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-        why = "" if hidden is None else f", CUDA_VISIBLE_DEVICES={hidden!r}"
-        raise UserError(f"--device {requested}: no CUDA device is visible here (torch.cuda.is_available() is "
-                        f"False{why}); use --device cpu, or leave --device out")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if requested is not None:
+        try:
+            resolve_device(requested)
+        except ValueError as error:
+            raise UserError(str(error)) from None
 
 
 class _Autocast(nn.Module):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pickle
 import warnings
-import zipfile
 from pathlib import Path
 
 from cascade.errors import UserError, short_repr
@@ -70,8 +69,9 @@ def _culprit(text: str) -> str:
     return f"it asks for {found.group(1)}" if found.re.pattern.startswith("GLOBAL") else f"pickle opcode {found.group(1)}"
 
 
-def check_safetensors(path: str | Path, what: str = "weights file") -> Path:
-    """`path` if it is a readable safetensors file (header parses, data complete), else UserError naming it."""
+def safetensors_metadata(path: str | Path, what: str = "weights file") -> dict[str, str]:
+    """The header metadata of a readable safetensors file (header parses, data complete), else UserError naming
+    it: missing, a folder, empty, a PyTorch checkpoint or pickle (never unpickled), too short, corrupt."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -79,25 +79,34 @@ def check_safetensors(path: str | Path, what: str = "weights file") -> Path:
     if path.is_dir():
         raise UserError(f"{path}: a folder, not a {what}")
     size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"{path}: an empty file (0 bytes), not a safetensors {what}; it was probably cut off while "
+                        f"being written")
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise UserError(f"{path}: a PyTorch checkpoint or pickle, not a safetensors {what}; it was not loaded "
+                        f"(nothing in it is unpickled). A training checkpoint becomes weights with "
+                        f"`cascade export CHECKPOINT --out {path}`")
     if size < 8:
         raise UserError(f"{path}: {size} bytes: too short to be a safetensors {what}")
     try:
         with safe_open(str(path), framework="pt") as file:
-            file.keys()
+            return dict(file.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
         raise UserError(f"{path}: not a readable safetensors {what} ({size} bytes): "
                         f"{short_repr(str(error).splitlines()[0] if str(error) else type(error).__name__, 160)}"
                         ) from None
-    return path
 
 
-def load_safetensors(path: str | Path, what: str = "weights file") -> dict:
-    """Every tensor of a safetensors file, or UserError naming the file and why it cannot be read."""
+def read_safetensors(path: str | Path, what: str = "weights file") -> tuple[dict, dict[str, str]]:
+    """(every tensor, the header metadata) of a safetensors file, or UserError naming the file and why it cannot be
+    read (`safetensors_metadata`'s checks, then the tensors' data)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = check_safetensors(path, what)
+    metadata = safetensors_metadata(path, what)
     try:
-        return load_file(str(path))
+        return load_file(str(path)), metadata
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise UserError(f"{path}: corrupt safetensors {what}: {short_repr(str(error), 160)}") from None

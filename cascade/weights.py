@@ -79,18 +79,9 @@ class WeightsInfo:
 def read_info(path: str | Path) -> WeightsInfo:
     """The description of a safetensors weights file; only the header is read. UserError naming the file when it
     is not a readable safetensors file or its metadata does not parse."""
-    from safetensors import SafetensorError, safe_open
+    from cascade.loading import safetensors_metadata
 
-    from cascade.errors import UserError, short_repr
-    from cascade.loading import check_safetensors
-
-    check_safetensors(path)
-    try:
-        with safe_open(str(path), "pt") as file:
-            metadata = dict(file.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{path}: unreadable safetensors weights file: {short_repr(str(error), 160)}") from None
-    return info_from(path, metadata)
+    return info_from(path, safetensors_metadata(path))
 
 
 # --- writing: the same weights and description give the same bytes ------------------------------------------------
@@ -219,29 +210,9 @@ def save_weights_streaming(path: str | Path, index: Mapping[str, tuple[tuple[int
 def read_weights(path: str | Path, what: str = "weights file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors weights file, or UserError naming the file and what is wrong: missing,
     empty, a PyTorch checkpoint or pickle (never unpickled), a truncated or corrupt safetensors file."""
-    from safetensors import SafetensorError, safe_open
+    from cascade.loading import read_safetensors
 
-    from cascade.errors import UserError, short_repr
-    from cascade.loading import check_safetensors, load_safetensors
-
-    path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise UserError(f"{path}: an empty file (0 bytes), not a safetensors {what}; it was probably cut off while "
-                        f"being written")
-    if path.is_file():
-        with open(path, "rb") as file:
-            head = file.read(4)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise UserError(f"{path}: a PyTorch checkpoint or pickle, not a safetensors {what}; it was not loaded "
-                            f"(nothing in it is unpickled). A training checkpoint becomes weights with "
-                            f"`cascade export CHECKPOINT --out {path}`")
-    check_safetensors(path, what)
-    try:
-        with safe_open(str(path), "pt") as file:
-            metadata = dict(file.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{path}: unreadable safetensors {what}: {short_repr(str(error), 160)}") from None
-    return load_safetensors(path, what), metadata
+    return read_safetensors(path, what)
 
 
 def info_from(path: str | Path, metadata: Mapping[str, str]) -> WeightsInfo:
