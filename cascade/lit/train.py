@@ -292,13 +292,9 @@ def check_text_encoder(recipe: Recipe) -> None:
                             f"({config}): set text_encoder.dim={d_model}")
     parts = sorted(Path(embeddings_folder(recipe)).glob("part-*-of-*.safetensors"))
     if parts:  # the cached embeddings' width too (their max_tokens is checked when the loader opens them)
-        from safetensors import SafetensorError, safe_open
+        from cascade.loading import safetensors_metadata
 
-        try:
-            with safe_open(str(parts[0]), framework="pt") as file:
-                dim = (file.metadata() or {}).get("dim")
-        except (SafetensorError, OSError, ValueError) as error:
-            raise UserError(f"{parts[0]}: not a readable embedding cache part: {error}") from None
+        dim = safetensors_metadata(parts[0], "embedding cache part").get("dim")
         if dim is not None and str(dim) != str(te.dim):
             raise UserError(f"{parts[0]}: embedding cache of width {dim}, but text_encoder.dim is {te.dim}: it was "
                             f"built with another encoder; rebuild it with `cascade data embed --shards "
