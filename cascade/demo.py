@@ -38,6 +38,7 @@ def sample_command(args) -> int:
         cascade = Cascade.from_recipe(recipe, args.checkpoints, stages=used, device=ranks.device, dtype=args.dtype)
         report = write_samples(cascade, prompts, args.out, seed=args.seed, batch_size=args.batch_size, ranks=ranks,
                                release_text_encoder=True)
+        distributed.destroy()  # every rank together, after the final barrier (not at interpreter exit)
     except (FileNotFoundError, ValueError) as error:
         if isinstance(error, RecipeError):
             raise

@@ -316,7 +316,7 @@ def write_samples(cascade: Cascade, prompts: Sequence[str], out: str | Path, see
     videos, `generate`'s indices) and rank 0 gathers the uint8 videos and writes everything; the other ranks write
     nothing and return None."""
     from cascade.data.video import to_uint8, write_video
-    from cascade.distributed import Ranks, gather, share
+    from cascade.distributed import Ranks, barrier, gather, share
 
     ranks = ranks or Ranks(device=cascade.device)
     out = check_video_path(out)
@@ -333,6 +333,7 @@ def write_samples(cascade: Cascade, prompts: Sequence[str], out: str | Path, see
                  videos={name: to_uint8(video) for name, video in generation.videos.items()})  # (N, T, H, W, 3)
     parts = gather(local, ranks)
     if parts is None:
+        barrier(ranks)  # until rank 0 has written every file: no rank leaves the group while another still works
         return None
     videos: dict[str, dict[int, object]] = {}
     for part in parts:
@@ -365,4 +366,5 @@ def write_samples(cascade: Cascade, prompts: Sequence[str], out: str | Path, see
                                  threads=torch.get_num_threads(), device=str(cascade.device), ranks=ranks.world,
                                  videos_per_rank=[len(part["indices"]) for part in parts])
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    barrier(ranks)
     return report

@@ -627,6 +627,9 @@ def eval_command(args) -> int:
             batch_size=args.batch_size, seed=args.seed)
         out = args.out or recipe.run_folder() / "eval" / args.checkpoints.name
         report = evaluate(recipe, args.checkpoints, out, plan, device=args.device, dtype=args.dtype)
+        from cascade import distributed
+
+        distributed.destroy()  # every rank together, after evaluate's final barrier (not at interpreter exit)
     except (FileNotFoundError, ValueError) as error:
         if isinstance(error, RecipeError):
             raise
