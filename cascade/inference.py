@@ -199,9 +199,10 @@ class Cascade:
         from cascade.recipe.build import build_stage_spec
 
         loaded, setting = self.stages[name], dict(setting or {})
-        unknown = set(setting) - {"steps", "guidance", "oscillate", "aug"}
+        unknown = set(setting) - {"steps", "guidance", "oscillate", "aug", "reconstruction"}
         if unknown:
-            raise ValueError(f"unknown sampling settings {sorted(unknown)}; known: steps, guidance, oscillate, aug")
+            raise ValueError(f"unknown sampling settings {sorted(unknown)}; known: steps, guidance, oscillate, aug, "
+                             f"reconstruction")
         info, kw = loaded.info, {}
         if info.distilled:
             if setting.get("steps") not in (None, info.steps):
@@ -217,6 +218,8 @@ class Cascade:
         if setting.get("aug") is not None:
             kw["aug_logsnr"] = setting["aug"]
         spec = build_stage_spec(loaded.stage, loaded.net, guidance_distilled=info.guidance_input, **kw)
+        if setting.get("reconstruction") is not None:
+            spec.reconstruction_weight = float(setting["reconstruction"])
         problem = self._outside_range(name, [spec.guidance] if spec.oscillate is None else list(spec.oscillate))
         if problem:
             raise ValueError(f"stage {name}: {problem}")
@@ -237,16 +240,20 @@ class Cascade:
             torch.cuda.empty_cache()
 
     def sample_stage(self, name: str, text: Tensor, text_mask: Tensor, previous: Tensor | None, seed: int,
-                     indices: Sequence[int], setting: Mapping | None = None, progress: bool = False
-                     ) -> tuple[Tensor, int]:
+                     indices: Sequence[int], setting: Mapping | None = None, progress: bool = False, *,
+                     spec: StageSpec | None = None, stream: int | None = None, **extra) -> tuple[Tensor, int]:
         """One stage for a batch of videos with the given `indices` (their random streams): (video (B, 3, T, H, W)
-        in [-1, 1], network evaluations per video). The same as this stage's part of `generate`."""
+        in [-1, 1], network evaluations per video). The same as this stage's part of `generate`. `extra`: known,
+        known_mask, init, strength (`CascadeSampler.sample_stage`); `spec` replaces the stage's settings (e.g. a
+        windowed denoiser over a long video); `stream` the random stream (default: the stage's number)."""
         from cascade.diffusion import VideoGenerators
 
-        number = [s.name for s in self.recipe.stages].index(name)
+        number = [s.name for s in self.recipe.stages].index(name) if stream is None else stream
         generator = VideoGenerators(seed, indices, stream=number, device=self.device)
-        return CascadeSampler.sample_stage(self.spec(name, setting), text, text_mask,
-                                           None if previous is None else previous.to(self.device), generator, progress)
+        extra = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in extra.items()}
+        return CascadeSampler.sample_stage(spec or self.spec(name, setting), text, text_mask,
+                                           None if previous is None else previous.to(self.device), generator, progress,
+                                           **extra)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 4, up_to: str | None = None,

@@ -29,12 +29,13 @@ class DistillModule(L.LightningModule):
     def __init__(self, student: nn.Module, teacher: nn.Module, method: DistillationMethod, *,
                  parameterization: str = "v", augmentation: NoiseAugmentation | None = None,
                  text_drop_prob: float = 0.0, lr: float = 1e-4, max_steps: int = 1000, seed: int = 0,
-                 journal: str | Path | None = None, lineage: dict | None = None) -> None:
+                 journal: str | Path | None = None, lineage: dict | None = None, known_frames=None) -> None:
         super().__init__()
         self.student, self.teacher = student, teacher.eval().requires_grad_(False)
         self.student_x = Denoiser(student, parameterization)
         self.teacher_x = Denoiser(teacher, parameterization)
         self.method, self.augmentation, self.text_drop_prob = method, augmentation, text_drop_prob
+        self.known_frames = known_frames  # the stage's KnownFrameDraw: the student learns the same inputs
         self.lr, self.max_steps = lr, max_steps
         self.journal = None if journal is None else Path(journal)
         self.lineage = lineage or {}
@@ -68,7 +69,8 @@ class DistillModule(L.LightningModule):
         inputs = to_model_input(batch, self.device)
         x = inputs["video"]  # (B, 3, T, H, W) in [-1, 1]
         g = self.randomness.next(self.device, self.global_rank)
-        cond = stage_inputs(inputs, self.augmentation, training=True, text_drop_prob=self.text_drop_prob, generator=g)
+        cond = stage_inputs(inputs, self.augmentation, training=True, text_drop_prob=self.text_drop_prob, generator=g,
+                            known_frames=self.known_frames)
         draw = self.method.draw(x.shape[0], g, self.device)
         noise = torch.randn(x.shape, generator=g, device=self.device, dtype=x.dtype)
         z = diffuse(x, draw.logsnr, noise)

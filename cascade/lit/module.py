@@ -50,7 +50,7 @@ class StageModule(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, eps: float = 1e-8,
                  lr_schedule: str = "constant", warmup_steps: int = 0, min_lr_ratio: float = 0.0,
                  max_steps: int = 1000, ema_decay: float = 0.9999, seed: int = 0, max_nonfinite: int = 20,
-                 journal: str | Path | None = None, recipe_json: str = "{}") -> None:
+                 journal: str | Path | None = None, recipe_json: str = "{}", known_frames=None) -> None:
         super().__init__()
         self.net = net
         self.denoiser = Denoiser(net, parameterization)
@@ -59,6 +59,7 @@ class StageModule(L.LightningModule):
         self.ema_decay = ema_decay
         self.schedule, self.weighting, self.augmentation = schedule, weighting, augmentation
         self.text_drop_prob = text_drop_prob
+        self.known_frames = known_frames  # a KnownFrameDraw: which frames each sample is given (None: no input)
         self.optim = dict(name=optimizer, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
         self.lr_factor = lr_lambda(lr_schedule, warmup_steps, max_steps, min_lr_ratio)
         self.seed, self.max_nonfinite = seed, max_nonfinite
@@ -96,7 +97,8 @@ class StageModule(L.LightningModule):
         g = self.randomness.next(self.device, self.global_rank)
         logsnr = sample_logsnr_train(x.shape[0], self.schedule, generator=g, device=self.device).float()
         noise = torch.randn(x.shape, generator=g, device=self.device, dtype=x.dtype)
-        cond = stage_inputs(inputs, self.augmentation, training=True, text_drop_prob=self.text_drop_prob, generator=g)
+        cond = stage_inputs(inputs, self.augmentation, training=True, text_drop_prob=self.text_drop_prob, generator=g,
+                            known_frames=self.known_frames)
         per_sample = diffusion_loss(self.denoiser, x, logsnr, noise, self.weighting, **cond)  # (B,)
         loss = per_sample.mean()
         speed = self._videos_per_second(len(batch["keys"]))

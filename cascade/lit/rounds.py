@@ -86,7 +86,7 @@ def _distill(recipe: Recipe, stage: Stage, teacher: str | Path | None, extra_cal
 
     from cascade.lit.distill import DistillModule
     from cascade.lit.train import check_text_encoder, ensure_dataset, fit
-    from cascade.recipe.build import build_augmentation, build_distillation_rounds, build_unet
+    from cascade.recipe.build import build_augmentation, build_distillation_rounds, build_known_frames, build_unet
 
     ensure_dataset(recipe)
     check_text_encoder(recipe)
@@ -112,7 +112,8 @@ def _distill(recipe: Recipe, stage: Stage, teacher: str | Path | None, extra_cal
             module = DistillModule(student_net, teacher_net, method, parameterization=stage.diffusion.parameterization,
                                    augmentation=build_augmentation(stage), text_drop_prob=stage.guidance.text_drop_prob,
                                    lr=r.lr, max_steps=r.max_steps, seed=stage.train.seed,
-                                   journal=folder / "train_steps.jsonl", lineage=dict(rounds=lineage))
+                                   journal=folder / "train_steps.jsonl", lineage=dict(rounds=lineage),
+                                   known_frames=build_known_frames(stage))
             w = method.w_range
             print(f"== distilling {stage.name}: {method.name} to {method.student_steps} steps"
                   + (f", w in [{w[0]:g}, {w[1]:g}]" if w else ""), flush=True)

@@ -89,14 +89,14 @@ def ensure_dataset(recipe: Recipe) -> None:
 
 def build_module(recipe: Recipe, stage: Stage, journal: Path | None = None):
     from cascade.lit.module import StageModule
-    from cascade.recipe.build import build_augmentation, build_schedule, build_unet
+    from cascade.recipe.build import build_augmentation, build_known_frames, build_schedule, build_unet
 
     torch.manual_seed(stage.train.seed)
     t = stage.train
     return StageModule(
         build_unet(stage, recipe), schedule=build_schedule(stage), parameterization=stage.diffusion.parameterization,
         weighting=stage.diffusion.loss_weighting, augmentation=build_augmentation(stage),
-        text_drop_prob=stage.guidance.text_drop_prob, lr=t.lr, optimizer=t.optimizer.name, betas=tuple(t.optimizer.betas),
+        known_frames=build_known_frames(stage), text_drop_prob=stage.guidance.text_drop_prob, lr=t.lr, optimizer=t.optimizer.name, betas=tuple(t.optimizer.betas),
         weight_decay=t.optimizer.weight_decay, eps=t.optimizer.eps, lr_schedule=t.lr_schedule.kind,
         warmup_steps=t.lr_schedule.warmup_steps, min_lr_ratio=t.lr_schedule.min_lr_ratio, max_steps=t.max_steps,
         ema_decay=t.ema_decay, seed=t.seed, max_nonfinite=t.max_nonfinite, journal=journal,

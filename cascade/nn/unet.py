@@ -41,6 +41,26 @@ def upsample_condition(cond: Tensor, frames: int, height: int, width: int) -> Te
     return cond
 
 
+def known_frame_channels(known: Tensor | None, known_mask: Tensor | None, x: Tensor,
+                         channels: int) -> tuple[Tensor, Tensor]:
+    """The known-frame input: the known frames with every other frame zeroed, and the mask as one channel, each
+    (B, ., T, H, W) like x. Nothing given: zeros (no frame known)."""
+    batch, _, frames, height, width = x.shape
+    if known_mask is None:
+        known_mask = torch.zeros(batch, frames, dtype=torch.bool, device=x.device)
+    if known_mask.shape != (batch, frames):
+        raise ValueError(f"known_mask has shape {tuple(known_mask.shape)}, expected {(batch, frames)}")
+    mask = known_mask.to(x.dtype)[:, None, :, None, None]  # (B, 1, T, 1, 1)
+    if known is None:
+        if known_mask.any():
+            raise ValueError("known_mask marks known frames but no known frames were given")
+        known = torch.zeros(batch, channels, frames, height, width, dtype=x.dtype, device=x.device)
+    if known.shape != (batch, channels, frames, height, width):
+        raise ValueError(f"known frames have shape {tuple(known.shape)}, expected "
+                         f"{(batch, channels, frames, height, width)}")
+    return known.to(x.dtype) * mask, mask.expand(batch, 1, frames, height, width)
+
+
 def _per_level(value: bool | int | str | Sequence, levels: int, name: str) -> list:
     values = list(value) if isinstance(value, (list, tuple)) else [value] * levels
     if len(values) != levels:
@@ -80,6 +100,7 @@ class VideoUNet(nn.Module):
         max_temporal_distance: int = 32,
         checkpointing: bool = False,
         frame_time_conditioning: bool = False,
+        known_frames: bool = False,
     ) -> None:
         super().__init__()
         levels = len(channel_mults)
@@ -91,6 +112,7 @@ class VideoUNet(nn.Module):
         emb_dim = 4 * channels
         context_dim = context_dim or widths[-1]
         self.in_channels, self.cond_channels, self.checkpointing = in_channels, cond_channels, checkpointing
+        self.known_channels = in_channels + 1 if known_frames else 0  # the known frames (zero elsewhere), a mask
         self.downsample_factor = 2 ** (levels - 1)
 
         # Conditioning embeddings, summed (Imagen: pooled text added to the noise embedding).
@@ -114,7 +136,7 @@ class VideoUNet(nn.Module):
                                   context_dim=context_dim, head_dim=head_dim, dropout=dropout,
                                   max_temporal_distance=max_temporal_distance)
 
-        self.stem = nn.Conv2d(in_channels + cond_channels, widths[0], 3, padding=1)
+        self.stem = nn.Conv2d(in_channels + cond_channels + self.known_channels, widths[0], 3, padding=1)
         self.down_samplers = nn.ModuleList()
         self.down = nn.ModuleList()
         for level, width in enumerate(widths):
@@ -167,13 +189,15 @@ class VideoUNet(nn.Module):
 
     def forward(self, x: Tensor, logsnr: Tensor, *, text: Tensor | None = None, text_mask: Tensor | None = None,
                 cond: Tensor | None = None, aug_logsnr: Tensor | None = None, fps: Tensor | float | None = None,
-                guidance: Tensor | None = None, is_image: Tensor | None = None) -> Tensor:
+                guidance: Tensor | None = None, is_image: Tensor | None = None, known: Tensor | None = None,
+                known_mask: Tensor | None = None) -> Tensor:
         """x: (B, C, T, H, W) noisy video; logsnr: (B,) or scalar; text: (B, L, text_dim) T5 embeddings with
         text_mask (B, L) bool (True = real token), None for the unconditional model; cond: (B, C, T', H', W')
         low-resolution video for super-resolution stages (upsampled here when smaller); aug_logsnr: (B,) its
         augmentation level; fps: (B,) frames per second; guidance: (B,) guidance weight for guidance-distilled
-        students; is_image: (B,) bool, samples whose frames are independent images (temporal layers bypassed).
-        Returns (B, out_channels, T, H, W)."""
+        students; is_image: (B,) bool, samples whose frames are independent images (temporal layers bypassed);
+        known: (B, C, T, H, W) frames given to a known-frame U-Net, known_mask (B, T) bool which ones (none given:
+        nothing is known). Returns (B, out_channels, T, H, W)."""
         batch, _, frames, height, width = x.shape
         if height % self.downsample_factor or width % self.downsample_factor:
             raise ValueError(f"input {width}x{height} is not divisible by the U-Net's downsampling "
@@ -182,6 +206,10 @@ class VideoUNet(nn.Module):
             if cond is None:
                 raise ValueError("this is a super-resolution U-Net: pass the low-resolution video as cond")
             x = torch.cat([x, upsample_condition(cond.to(x.dtype), frames, height, width)], dim=1)
+        if self.known_channels:
+            x = torch.cat([x, *known_frame_channels(known, known_mask, x, self.in_channels)], dim=1)
+        elif known is not None or known_mask is not None:
+            raise ValueError("this U-Net was built without known-frame input (recipe: known_frames)")
         logsnr = torch.as_tensor(logsnr, device=x.device, dtype=torch.float32)
         emb, context, context_mask = self._embed(logsnr, batch, text, text_mask, aug_logsnr, fps, guidance)
         gate = None if is_image is None else (~is_image.bool()).to(x.dtype)

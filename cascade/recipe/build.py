@@ -20,7 +20,7 @@ def unet_kwargs(stage: Stage, text_dim: int) -> dict:
         temporal=tuple(u.temporal), head_dim=u.head_dim, text_dim=text_dim, context_dim=u.context_dim,
         dropout=u.dropout, fps_conditioning=True, aug_conditioning=stage.kind != "base",
         max_temporal_distance=u.max_temporal_distance, checkpointing=u.checkpointing,
-        frame_time_conditioning=u.frame_time,
+        frame_time_conditioning=u.frame_time, known_frames=stage.known_frames is not None,
     )
 
 
@@ -62,6 +62,14 @@ def build_schedule(stage: Stage):
     return CosineSchedule(logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, shift=shift)
 
 
+def build_known_frames(stage: Stage):
+    """The training draw of known frames (`cascade.diffusion.KnownFrameDraw`), None when the stage has none."""
+    from cascade.diffusion.inputs import KnownFrameDraw
+
+    k = stage.known_frames
+    return None if k is None else KnownFrameDraw(k.first_prob, k.clip_prob, k.clip_frames)
+
+
 def build_augmentation(stage: Stage):
     from cascade.diffusion import NoiseAugmentation
 
@@ -99,7 +107,7 @@ def build_stage_spec(stage: Stage, net, *, guidance_distilled: bool = False, ste
         schedule=build_schedule(stage), sampler=sampler or stage.sampler.kind, steps=steps or stage.sampler.steps,
         gamma=stage.sampler.gamma, guidance=g.weight if guidance is None else guidance, oscillate=oscillate,
         constant_steps=constant_steps, dynamic_threshold=g.dynamic_threshold, augmentation=augmentation,
-        guidance_distilled=guidance_distilled,
+        guidance_distilled=guidance_distilled, known_frames=stage.known_frames is not None,
     )
 
 

@@ -30,6 +30,13 @@ def cascade_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 if value > getattr(stage, axis):
                     problems.append((f"{at}.train.crop.{axis}", f"crop {axis} {value} exceeds the stage's "
                                      f"{axis} {getattr(stage, axis)}"))
+        known = stage.known_frames
+        if known is not None and known.clip_frames >= stage.frames:
+            problems.append((f"{at}.known_frames.clip_frames", f"{known.clip_frames} known frames leave none to "
+                             f"generate in a {stage.frames}-frame clip"))
+        if known is not None and stage.train.crop_frames is not None and known.clip_frames >= stage.train.crop_frames:
+            problems.append((f"{at}.known_frames.clip_frames", f"{known.clip_frames} known frames leave none to "
+                             f"generate in the {stage.train.crop_frames}-frame training crop"))
         if stage.kind == "base":
             if index != 0:
                 problems.append((f"{at}.kind", "only the first stage can be a base stage"))

@@ -184,6 +184,26 @@ class Augmentation(Strict):
         return self
 
 
+class KnownFrames(Strict):
+    """Known-frame conditioning (image-to-video, continuing a clip): the network takes, as four extra input channels,
+    the known frames (zero elsewhere) and a mask channel. In training each sample gets, with these probabilities, its
+    first frame or its first `clip_frames` frames as known frames (from its own clip; noise-augmented like the
+    low-resolution input in a stage with augmentation), and none otherwise."""
+
+    first_prob: Probability = 0.0
+    """Share of training samples whose first frame is given (image-to-video)."""
+    clip_prob: Probability = 0.0
+    """Share of training samples whose first `clip_frames` frames are given (continuing a clip, long videos)."""
+    clip_frames: Width = 2
+    """Frames given when continuing a clip."""
+
+    @model_validator(mode="after")
+    def _shares(self) -> KnownFrames:
+        if self.first_prob + self.clip_prob > 1:
+            raise ValueError(f"first_prob + clip_prob = {self.first_prob + self.clip_prob:g} exceeds 1")
+        return self
+
+
 class Oscillation(Strict):
     high: GuidanceWeight = 15.0
     """Weight on even steps (and during the constant phase)."""
@@ -343,6 +363,9 @@ class Stage(Strict):
     diffusion: Diffusion = Diffusion()
     augmentation: Augmentation | None = None
     """Noise conditioning augmentation of the low-resolution input (super-resolution stages)."""
+    known_frames: KnownFrames | None = None
+    """Train the stage to condition on known frames (image-to-video, continuing a clip); none: the network has no
+    known-frame input and `cascade sample --image` / `--story` fall back to reconstruction guidance."""
     guidance: Guidance = Guidance()
     sampler: Sampler = Sampler()
     train: Train

@@ -20,6 +20,39 @@ from cascade.diffusion.noise import Generator, VideoGenerators, randn
 from cascade.sampling.guidance import GuidedModel, dynamic_threshold, guidance_weights
 from cascade.sampling.samplers import sample
 from cascade.sampling.steps import time_grid
+from cascade.diffusion.param import append_dims, diffuse
+
+
+def edit_grid(steps: int, schedule: Callable[[Tensor], Tensor], strength: float) -> Tensor:
+    """Log-SNRs (n+1,) at t_i = S (1 - i/n), n = max(1, round(S * steps)): the end of the sampling grid that starts
+    at the noise level t = S of SDEdit, in steps of about the full grid's size."""
+    n = max(1, round(strength * steps))
+    t = strength * (n - torch.arange(n + 1, dtype=torch.float64)) / n
+    return schedule(t).to(torch.float64)
+
+
+def reconstruction_guided(model: Callable[[Tensor, Tensor, int], Tensor], known: Tensor, known_mask: Tensor,
+                          weight: float) -> Callable[[Tensor, Tensor, int], Tensor]:
+    """A sampler model whose prediction agrees with the known frames, for a network that cannot take them as input.
+
+    Reconstruction guidance (Ho et al. 2022, Video Diffusion Models, eq. 7): the unknown frames' prediction is moved
+    against the gradient of the known frames' reconstruction error,
+        x~_b = x^_b - (w_r alpha_t / 2) grad_{z_t} || x_a - x^_a(z_t) ||^2,
+    and the known frames' prediction is replaced by the known frames (the replacement method), so the sampler's
+    steps carry them into z. Costs one backward pass per network evaluation."""
+    mask = known_mask[:, None, :, None, None]  # (B, 1, T, 1, 1)
+
+    def guided(z: Tensor, logsnr: Tensor, step: int) -> Tensor:
+        with torch.enable_grad():
+            z_in = z.detach().requires_grad_(True)
+            x_hat = model(z_in, logsnr, step)
+            error = ((x_hat - known.to(x_hat.dtype)) ** 2 * mask).sum()
+            (grad,) = torch.autograd.grad(error, z_in)
+        alpha = torch.sigmoid(logsnr.to(torch.float64)).sqrt().to(z.dtype)  # alpha_t = sqrt(sigmoid(lambda_t))
+        x_tilde = x_hat.detach() - weight * append_dims(alpha, z.ndim) / 2 * grad
+        return torch.where(mask, known.to(x_tilde.dtype), x_tilde)
+
+    return guided
 
 
 @dataclass
@@ -44,6 +77,12 @@ class StageSpec:
     augmentation: NoiseAugmentation | None = None
     guidance_distilled: bool = False
     """The student takes the guidance weight as input: one network pass per step, no unconditional pass."""
+    known_frames: bool = False
+    """The network takes known frames as input (trained with `known_frames`); otherwise known frames are imposed by
+    reconstruction guidance."""
+    reconstruction_weight: float = 4.0
+    """w_r of reconstruction guidance (Ho et al. 2022, Video Diffusion Models, eq. 7), for a network without
+    known-frame input."""
 
 
 @dataclass
@@ -93,14 +132,31 @@ class CascadeSampler:
 
     @staticmethod
     def sample_stage(stage: StageSpec, text: Tensor, text_mask: Tensor, previous: Tensor | None,
-                     generator: Generator = None, progress: bool = False) -> tuple[Tensor, int]:
+                     generator: Generator = None, progress: bool = False, *, known: Tensor | None = None,
+                     known_mask: Tensor | None = None, init: Tensor | None = None,
+                     strength: float = 1.0) -> tuple[Tensor, int]:
         """One stage: noise -> video (B, 3, T, H, W) in [-1, 1]; also returns network evaluations per video.
-        Draws, in order: the input's augmentation noise, the initial noise, the sampler's noise."""
+        Draws, in order: the input's augmentation noise, the known frames' augmentation noise, the initial noise,
+        the sampler's noise.
+
+        known (B, 3, T, H, W) in [-1, 1] with known_mask (B, T) bool: frames the video must have (the first frame for
+        image-to-video, the last frames of the previous segment of a long video). A network trained with known
+        frames takes them as input; any other is steered by reconstruction guidance (`reconstruction_guided`).
+        init (B, 3, T, H, W) with strength S in [0, 1]: SDEdit (Meng et al. 2022). The sampler starts from init
+        noised to the level of t = S and runs the part of its grid from t = S to 0 in about S * steps steps
+        (at least one); S = 0 returns init without a network evaluation, S = 1 ignores it."""
         batch, device = text.shape[0], text.device
         if stage.kind != "base" and previous is None:
             raise ValueError(f"stage {stage.name} needs the previous stage's output")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if init is not None and strength == 0.0:
+            return init.clamp(-1.0, 1.0), 0
         low = {} if stage.kind == "base" else {"cond": previous}
-        cond = stage_inputs(dict(text=text, text_mask=text_mask, fps=stage.fps, **low), stage.augmentation,
+        given = {}
+        if known is not None and stage.known_frames:
+            given = dict(known=known, known_mask=known_mask)
+        cond = stage_inputs(dict(text=text, text_mask=text_mask, fps=stage.fps, **low, **given), stage.augmentation,
                             generator=generator)
         weights = guidance_weights(stage.steps, stage.guidance, stage.oscillate, stage.constant_steps)
         percentile = stage.dynamic_threshold
@@ -123,8 +179,13 @@ class CascadeSampler:
             model = GuidedModel(fn, weights, thresholding=None if percentile is None else "dynamic",
                                 percentile=percentile or 99.5)
             nfe = lambda: model.nfe  # noqa: E731
+        if known is not None and not stage.known_frames:
+            model = reconstruction_guided(model, known, known_mask, stage.reconstruction_weight)
         z = randn((batch, 3, stage.frames, stage.height, stage.width), generator, device=device)
         logsnrs = time_grid(stage.steps, stage.schedule)
+        if init is not None and strength < 1.0:
+            logsnrs = edit_grid(stage.steps, stage.schedule, strength)
+            z = diffuse(init.to(z.dtype), logsnrs[0].to(z.dtype), z)  # init at the level of t = strength
         extra = {"gamma": stage.gamma} if stage.sampler == "ancestral" else {}
         if stage.sampler in ("ancestral", "stochastic"):
             extra["generator"] = generator
