@@ -1,0 +1,310 @@
+"""The cascade as a video tool: image-to-video, long videos from a sequence of prompts (stories), text-guided
+editing (SDEdit) and upscaling a user's own video. Pure PyTorch on `cascade.inference.Cascade` (no Lightning):
+
+    from cascade.tools import image_to_video, story, edit, upscale
+
+    result = image_to_video(cascade, image, ["a red circle moving right"])  # image: (H, W, 3) uint8
+    result.final  # (N, 3, T, H, W) in [-1, 1]; result.videos[STAGE] for every stage run
+
+Each returns a `Generation` whose `batches` hold the per-stage seconds and network evaluations that
+`write_tool_report` writes as `cascade sample` does. A user's image or video is fitted to a stage as the data loader
+fits training clips (resized to cover the stage's size, aspect kept, then centre-cropped) and resampled in time by
+picking the frame nearest each of the stage's frame times. `*_command` are the `cascade` commands built on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cascade.errors import UserError
+from cascade.inference import Cascade, Generation
+
+__all__ = ["edit", "fit_frames", "image_to_video", "resample_video", "story", "upscale", "write_tool_report"]
+
+
+# --- fitting a user's frames to a stage ---------------------------------------------------------------------------
+def fit_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(T, h, w, 3) uint8 -> (T, height, width, 3) uint8: resized to cover (width, height) with the aspect kept
+    (area averaging for whole factors, antialiased bilinear otherwise), then centre-cropped, as the loader does."""
+    from cascade.data.clips import _cover, crop, downsample
+
+    source = SimpleNamespace(codec_context=SimpleNamespace(width=frames.shape[2], height=frames.shape[1]))
+    cover_w, cover_h = _cover(source, (width, height))
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)  # (3, T, h, w)
+    video = downsample(video, video.shape[1], cover_h, cover_w).permute(1, 2, 3, 0).numpy()
+    return np.ascontiguousarray(crop(video, width, height, None))
+
+
+def _to_tensor(frames: np.ndarray) -> Tensor:
+    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) float32 in [-1, 1]."""
+    return (torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1.0).permute(3, 0, 1, 2)[None]
+
+
+def frame_times(count: int, source_fps: float, fps: float, available: int) -> list[int]:
+    """Source frame indices nearest the times i / fps, i < count, of a video at `source_fps` with `available`
+    frames (the last frame where a time falls past it)."""
+    return [min(round(i * source_fps / fps), available - 1) for i in range(count)]
+
+
+def resample_video(video: np.ndarray, fps: float, frames: int, width: int, height: int, stage_fps: float) -> Tensor:
+    """The first `frames` frames at `stage_fps` of `video` ((T, H, W, 3) uint8 at `fps`), fitted to width x height:
+    (1, 3, frames, height, width) in [-1, 1]."""
+    picked = video[frame_times(frames, fps, stage_fps, len(video))]
+    return _to_tensor(fit_frames(picked, width, height))
+
+
+def _check_video(video: np.ndarray, fps: float, what: str = "the video") -> None:
+    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or len(video) == 0:
+        raise UserError(f"{what}: expected (T, H, W, 3) uint8 frames with T >= 1, got {video.shape} {video.dtype}")
+    if not fps > 0:
+        raise UserError(f"{what}: its frame rate is {fps:g} fps; the tools need a positive one")
+
+
+# --- running stages ------------------------------------------------------------------------------------------------
+def _chain(cascade: Cascade, up_to: str | None, start: str | None = None) -> list[str]:
+    """The stages from `start` (default: the first) to `up_to` (default: the last), all loaded."""
+    chain = [s.name for s in cascade.recipe.stages]
+    for what, name in (("up_to", up_to), ("from", start)):
+        if name is not None and name not in chain:
+            raise UserError(f"{what} {name}: no such stage; stages are {', '.join(chain)}")
+    first = 0 if start is None else chain.index(start)
+    last = len(chain) - 1 if up_to is None else chain.index(up_to)
+    if last < first:
+        raise UserError(f"stage {up_to} comes before {start}; stages are {', '.join(chain)}")
+    names = chain[first:last + 1]
+    missing = [n for n in names if n not in cascade.stages]
+    if missing:
+        raise UserError(f"stages {', '.join(missing)} are not loaded (loaded: {', '.join(cascade.stages)})")
+    return names
+
+
+def _setting(reconstruction: float | None) -> dict:
+    return {} if reconstruction is None else {"reconstruction": reconstruction}
+
+
+def _stat(cascade: Cascade, name: str, nfe: int, seconds: float, frames: int, windows: int = 1) -> dict:
+    stage = cascade.recipe.stage(name)
+    return dict(stage=name, kind=stage.kind, steps=stage.sampler.steps, nfe_per_video=nfe * windows,
+                windows=windows, frames=frames, seconds=seconds, shape=[frames, stage.width, stage.height, stage.fps])
+
+
+class _WindowText:
+    """A denoiser that gives the window it is called for its own text: `WindowedDenoiser` calls it once per window,
+    in window order, every time it is called, so the n-th call is window n mod len(texts). The caption-dropped
+    (unconditional) half of a guided batch keeps an empty text mask."""
+
+    def __init__(self, denoiser, texts: Sequence[tuple[Tensor, Tensor]]) -> None:
+        self.denoiser, self.texts, self.calls = denoiser, list(texts), 0
+
+    def __call__(self, z: Tensor, logsnr: Tensor, *, text: Tensor, text_mask: Tensor, **cond) -> Tensor:
+        window_text, window_mask = self.texts[self.calls % len(self.texts)]
+        self.calls += 1
+        reps = text.shape[0] // window_text.shape[0]
+        keep = text_mask.any(dim=1, keepdim=True)  # False on the unconditional rows
+        return self.denoiser(z, logsnr, text=window_text.repeat(reps, 1, 1),
+                             text_mask=window_mask.repeat(reps, 1) & keep, **cond)
+
+
+def _run_long(cascade: Cascade, name: str, text: Tensor, mask: Tensor, previous: Tensor, seed: int,
+              overlap: int | None, progress: bool, setting: Mapping | None = None,
+              window_text=None, **extra) -> tuple[Tensor, dict]:
+    """An SR stage over a lower-stage video `previous` (1, 3, T_in, h, w) of any length: windows of the stage's clip
+    length when longer (overlap: default half a clip), the input padded by repeating its last frame when shorter
+    (output trimmed back). `window_text(starts, total, window)` -> per-window (text, mask); None: `text` in all.
+    Returns (video (1, 3, T_in * r, H, W), the stage's stats)."""
+    from cascade.sampling.windows import WindowedDenoiser
+
+    stage = cascade.recipe.stage(name)
+    ratio = stage.frames // cascade.recipe.stage(stage.input).frames if stage.kind == "tsr" else 1
+    total = previous.shape[2] * ratio
+    spec = cascade.spec(name, setting)
+    start, windows = time.perf_counter(), 1
+    if total < stage.frames:  # shorter than a clip: pad the input with its last frame, trim the output
+        pad = stage.frames // ratio - previous.shape[2]
+        previous = torch.cat([previous, previous[:, :, -1:].expand(-1, -1, pad, -1, -1)], dim=2)
+        extra = {k: torch.cat([v, v[:, :, -1:].expand(-1, -1, pad * ratio, -1, -1)], dim=2)
+                 if k == "init" else v for k, v in extra.items()}
+        video, nfe = cascade.sample_stage(name, text, mask, previous, seed, [0], spec=spec, progress=progress, **extra)
+        video = video[:, :, :total]
+    else:
+        denoiser = spec.denoiser
+        overlap = stage.frames // 2 if overlap is None else overlap
+        windowed = WindowedDenoiser(denoiser, window=stage.frames, overlap=overlap, ratio=ratio)
+        starts = windowed.windows(total) if total > stage.frames else [0]
+        if window_text is not None and total > stage.frames:
+            windowed.denoiser = _WindowText(denoiser, window_text(starts, total, stage.frames))
+        windows = len(starts)
+        spec = dataclasses.replace(spec, frames=total, denoiser=windowed)
+        video, nfe = cascade.sample_stage(name, text, mask, previous, seed, [0], spec=spec, progress=progress, **extra)
+    return video.cpu(), _stat(cascade, name, nfe, time.perf_counter() - start, total, windows)
+
+
+# --- the four tools ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def image_to_video(cascade: Cascade, image: np.ndarray, prompts: Sequence[str], *, seed: int = 0,
+                   batch_size: int = 4, up_to: str | None = None, reconstruction: float | None = None,
+                   progress: bool = True) -> Generation:
+    """A video per prompt that starts with `image` ((H, W, 3) uint8, any size): at every stage the image, fitted to
+    the stage's size, is the known first frame (known_mask = first_frames(B, T, 1)): the network's known-frame input
+    where it was trained with one, else reconstruction guidance of weight `reconstruction` (default: the recipe's).
+    Prompt k is video k of the seed's random streams, as in `Cascade.generate`."""
+    from cascade.diffusion.inputs import first_frames
+
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise UserError(f"the image: expected (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    names, prompts = _chain(cascade, up_to), list(prompts)
+    out, pieces = Generation(prompts, videos={}), {name: [] for name in names}
+    for first in range(0, len(prompts), batch_size):
+        batch = prompts[first:first + batch_size]
+        text, mask = cascade.encode(batch)
+        indices, previous, stats, begin = list(range(first, first + len(batch))), None, [], time.perf_counter()
+        for name in names:
+            stage = cascade.recipe.stage(name)
+            known = torch.zeros(len(batch), 3, stage.frames, stage.height, stage.width)
+            known[:, :, :1] = _to_tensor(fit_frames(image[None], stage.width, stage.height))
+            start = time.perf_counter()
+            previous, nfe = cascade.sample_stage(name, text, mask, previous, seed, indices, _setting(reconstruction),
+                                                 progress, known=known,
+                                                 known_mask=first_frames(len(batch), stage.frames, 1))
+            stats.append(_stat(cascade, name, nfe, time.perf_counter() - start, stage.frames))
+            pieces[name].append(previous.cpu())
+        out.batches.append(dict(prompts=batch, seconds=time.perf_counter() - begin, stages=stats))
+    out.videos = {name: torch.cat(parts) for name, parts in pieces.items() if parts}
+    return out
+
+
+def story_segments(frames: int, context_frames: int, count: int) -> list[int]:
+    """The first frame of each of `count` base segments of `frames` frames in the long video, each after the first
+    starting with the last `context_frames` frames of the one before: F + (n - 1)(F - k) frames in all."""
+    return [0] + [frames + i * (frames - context_frames) - context_frames for i in range(count - 1)]
+
+
+@torch.no_grad()
+def story(cascade: Cascade, prompts: Sequence[str], *, context_frames: int = 1, seed: int = 0,
+          overlap: int | None = None, up_to: str | None = None, reconstruction: float | None = None,
+          progress: bool = True) -> Generation:
+    """One long video from a sequence of prompts, one base segment each. Segment 1 is the base sample of prompt 1;
+    segment i is sampled with prompt i and the last `context_frames` (k) frames of the video so far as its known
+    first frames, and only its new frames are appended: the long base video has F + (n - 1)(F - k) frames (segment
+    i draws from random stream i). Every SR stage then runs over the whole long video with a `WindowedDenoiser`
+    (windows of the stage's clip length, `overlap` frames shared: default half a clip, aligned to a TSR's ratio;
+    memory bounded by one window) and, when there are several windows, each window gets the text of the prompt
+    whose new frames hold the window's centre frame, so the detail added at
+    higher resolutions follows the story. `Generation.prompts` is the one story, joined with " | "."""
+    from cascade.diffusion.inputs import first_frames
+
+    prompts = list(prompts)
+    if not prompts:
+        raise UserError("a story needs at least one prompt")
+    names = _chain(cascade, up_to)
+    base = cascade.recipe.stage(names[0])
+    if not 1 <= context_frames < base.frames:
+        raise UserError(f"--context-frames {context_frames}: must be at least 1 and less than the base's "
+                        f"{base.frames} frames")
+    texts, masks = cascade.encode(prompts)
+    setting, stats, begin = _setting(reconstruction), [], time.perf_counter()
+    video, nfe_total, start = None, 0, time.perf_counter()
+    for i in range(len(prompts)):
+        extra = {}
+        if video is not None:
+            known = torch.zeros(1, 3, base.frames, base.height, base.width)
+            known[:, :, :context_frames] = video[:, :, -context_frames:]
+            extra = dict(known=known, known_mask=first_frames(1, base.frames, context_frames))
+        segment, nfe = cascade.sample_stage(base.name, texts[i:i + 1], masks[i:i + 1], None, seed, [i], setting,
+                                            progress, **extra)
+        segment, nfe_total = segment.cpu(), nfe_total + nfe
+        video = segment if video is None else torch.cat([video, segment[:, :, context_frames:]], dim=2)
+    stats.append(_stat(cascade, base.name, nfe_total, time.perf_counter() - start, video.shape[2]))
+    videos = {base.name: video}
+    firsts = story_segments(base.frames, context_frames, len(prompts))
+
+    def window_text(starts: list[int], total: int, window: int) -> list[tuple[Tensor, Tensor]]:
+        scale = total / videos[base.name].shape[2]  # output frames per base frame
+        out = []
+        for a in starts:
+            centre = (a + (window - 1) / 2) / scale  # in base frames
+            segment = max(i for i, f in enumerate(firsts) if f + (i > 0) * context_frames <= centre)
+            out.append((texts[segment:segment + 1], masks[segment:segment + 1]))
+        return out
+
+    previous = video
+    for name in names[1:]:
+        previous, stat = _run_long(cascade, name, texts[:1], masks[:1], previous, seed, overlap, progress,
+                                   setting, window_text=window_text)
+        videos[name] = previous
+        stats.append(stat)
+    joined = " | ".join(prompts)
+    out = Generation([joined], videos=videos)
+    out.batches.append(dict(prompts=[joined], seconds=time.perf_counter() - begin, stages=stats))
+    return out
+
+
+@torch.no_grad()
+def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, strength: float = 0.5, seed: int = 0,
+         up_to: str | None = None, progress: bool = True) -> Generation:
+    """SDEdit (Meng et al. 2022) through the cascade: `video` ((T, H, W, 3) uint8 at `fps`) is resampled to every
+    stage (the stage's frames at its fps from the start, fitted to its size); the base is denoised from the input
+    noised to the level t = `strength`, and every SR stage is conditioned on the edited lower stage and starts at
+    the same strength from the input at its own resolution. Strength 0 returns the resampled input, 1 ignores it.
+    The input must last at least the base's clip (frames / fps)."""
+    _check_video(video, fps)
+    if not 0.0 <= strength <= 1.0:
+        raise UserError(f"--strength {strength:g}: must be in [0, 1] (0 keeps the video, 1 ignores it)")
+    names = _chain(cascade, up_to)
+    base = cascade.recipe.stage(names[0])
+    need = base.frames / base.fps
+    if round((base.frames - 1) * fps / base.fps) >= len(video):  # the base's last frame time is past the end
+        raise UserError(f"the video is {len(video)} frames at {fps:g} fps ({len(video) / fps:.2f} s), shorter than "
+                        f"the base stage's clip ({base.frames} frames at {base.fps:g} fps = {need:g} s)")
+    text, mask = cascade.encode([prompt])
+    out, previous, stats, begin = Generation([prompt], videos={}), None, [], time.perf_counter()
+    for name in names:
+        stage = cascade.recipe.stage(name)
+        init = resample_video(video, fps, stage.frames, stage.width, stage.height, stage.fps)
+        start = time.perf_counter()
+        previous, nfe = cascade.sample_stage(name, text, mask, previous, seed, [0], None, progress, init=init,
+                                             strength=strength)
+        previous = previous.cpu()
+        out.videos[name] = previous
+        stats.append(_stat(cascade, name, nfe, time.perf_counter() - start, stage.frames))
+    out.batches.append(dict(prompts=[prompt], seconds=time.perf_counter() - begin, stages=stats))
+    return out
+
+
+@torch.no_grad()
+def upscale(cascade: Cascade, video: np.ndarray, fps: float, *, from_stage: str, to_stage: str | None = None,
+            prompt: str = "", seed: int = 0, progress: bool = True, overlap: int | None = None) -> Generation:
+    """The user's video ((T, H, W, 3) uint8 at `fps`, any length) through the SR stages `from_stage`..`to_stage`
+    (default: the last): brought to `from_stage`'s input (its input stage's size and fps, keeping the duration),
+    then every stage runs over it with windows of its clip length (`overlap`: default half a clip), or, shorter
+    than a clip, on the input padded with its last frame and trimmed back. `videos` holds the resampled input
+    under the input stage's name, then each stage's output."""
+    _check_video(video, fps)
+    chain = [s.name for s in cascade.recipe.stages]
+    if from_stage in chain and cascade.recipe.stage(from_stage).kind == "base":
+        raise UserError(f"--from {from_stage}: the base stage makes videos from text; upscale starts at a "
+                        f"super-resolution stage ({', '.join(chain[1:])})")
+    names = _chain(cascade, to_stage, from_stage)
+    source = cascade.recipe.stage(cascade.recipe.stage(from_stage).input)
+    count = max(1, round(len(video) * source.fps / fps))  # the input's duration at the input stage's fps
+    previous = resample_video(video, fps, count, source.width, source.height, source.fps)
+    text, mask = cascade.encode([prompt])
+    out = Generation([prompt], videos={source.name: previous})
+    stats, begin = [], time.perf_counter()
+    for name in names:
+        previous, stat = _run_long(cascade, name, text, mask, previous, seed, overlap, progress)
+        out.videos[name] = previous
+        stats.append(stat)
+    out.batches.append(dict(prompts=[prompt], seconds=time.perf_counter() - begin, stages=stats))
+    return out
