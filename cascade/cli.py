@@ -188,6 +188,17 @@ def add_device_arguments(p, dtype: bool = True) -> None:
                        help="the networks' precision (autocast; the sampler's state stays float32)")
 
 
+def add_tool_arguments(p) -> None:
+    """What `cascade edit` and `cascade upscale` share with `cascade sample`: --out, the weights, the seed and the
+    device."""
+    p.add_argument("--out", type=Path, required=True, help="output video: .mp4 or .gif (also OUT_stages/ and "
+                   "OUT.json, the report)")
+    p.add_argument("--checkpoints", type=Path, help="folder of per-stage weights (STAGE.safetensors); without it "
+                   "the networks are randomly initialised")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random streams")
+    add_device_arguments(p)
+
+
 def add_train_device_argument(p) -> None:
     p.add_argument("--device", dest="train_device", choices=["auto", "cpu", "cuda"],
                    help="where the stage trains: sets its launch.accelerator (default: the recipe's, auto = CUDA "
@@ -353,8 +364,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every video's random streams (video i: seed, i)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts sampled together (a video does not depend on "
                    "its batch: each has its own random stream, from --seed and its index)")
+    p.add_argument("--image", type=Path, help="image-to-video: every video starts with this image (resized to cover "
+                   "each stage's size and centre-cropped), one video per prompt")
+    p.add_argument("--story", action="store_true", help="the prompts (--prompt repeated or --prompts) are the "
+                   "segments of ONE long video, each base segment continuing the last --context-frames frames")
+    p.add_argument("--context-frames", type=int, default=1, help="with --story: frames of the video so far that "
+                   "each next base segment starts from")
+    p.add_argument("--reconstruction-weight", type=float, help="with --image or --story: the reconstruction "
+                   "guidance weight of stages without known-frame input (default: the recipe's, 4)")
     add_device_arguments(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("edit", help="text-guided editing of a video (SDEdit through the cascade)")
+    p.add_argument("recipe", type=Path, help=RECIPE_HELP)
+    p.add_argument("video", type=Path, help="the video to edit (any size and fps; at least the base's clip long)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.base.sampler.steps=32")
+    add_tool_arguments(p)
+    p.add_argument("--prompt", required=True, help="what the edited video shows")
+    p.add_argument("--strength", type=float, default=0.5, help="how far from the video: 0 keeps it, 1 ignores it")
+    p.add_argument("--up-to", metavar="STAGE", help="stop after this stage (default: the last)")
+    p.set_defaults(func=_lazy("cascade.tools", "edit_command"))
+
+    p = sub.add_parser("upscale", help="bring your own video through the super-resolution stages, from --from on")
+    p.add_argument("recipe", type=Path, help=RECIPE_HELP)
+    p.add_argument("video", type=Path, help="the video to upscale (any length; fitted to --from's input size and fps)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.ssr1.sampler.steps=8")
+    add_tool_arguments(p)
+    p.add_argument("--from", dest="from_stage", required=True, metavar="STAGE", help="the first super-resolution "
+                   "stage to run (the video stands in for the output of the stage before it)")
+    p.add_argument("--to", dest="to_stage", metavar="STAGE", help="the last stage to run (default: the last)")
+    p.add_argument("--prompt", default="", help="a caption of the video (default: none)")
+    p.add_argument("--overlap", type=int, help="frames shared by neighbouring windows of a video longer than a "
+                   "stage's clip (default: half a clip)")
+    p.set_defaults(func=_lazy("cascade.tools", "upscale_command"), up_to=None)
 
     add_data_parsers(sub)
 

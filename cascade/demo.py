@@ -13,7 +13,8 @@ DEMO_PROMPTS = ["a red circle moving right on a black background", "a cyan squar
 
 
 def sample_command(args) -> int:
-    """`cascade sample`; under torchrun or srun every rank samples its share of --prompts and rank 0 writes."""
+    """`cascade sample`; under torchrun or srun every rank samples its share of --prompts and rank 0 writes. With
+    --image or --story, `cascade.tools` makes the videos (in one process)."""
     from cascade import distributed
     from cascade.inference import Cascade, check_device, check_video_path, write_samples
 
@@ -28,6 +29,10 @@ def sample_command(args) -> int:
             return 2
     else:
         prompts = args.prompt
+    if args.image is not None or args.story:  # image-to-video, or one long video from the prompts
+        from cascade.tools import sample_tool_command
+
+        return sample_tool_command(args, prompts)
     try:
         check_video_path(args.out)  # before any work
         names = [s.name for s in recipe.stages]

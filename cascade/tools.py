@@ -308,3 +308,168 @@ def upscale(cascade: Cascade, video: np.ndarray, fps: float, *, from_stage: str,
         stats.append(stat)
     out.batches.append(dict(prompts=[prompt], seconds=time.perf_counter() - begin, stages=stats))
     return out
+
+
+# --- reports and commands ------------------------------------------------------------------------------------------
+def write_tool_report(cascade: Cascade, generation: Generation, out: str | Path, *, tool: str, settings: Mapping,
+                      seed: int) -> dict:
+    """Write a tool's videos and report as `write_samples` does: the final video (`out`, .mp4 or .gif; OUT_NNN.ext
+    for several), every stage's output (OUT_stages/NNN_STAGE.mp4) and OUT.json (the tool and its settings, seed,
+    weights, stage settings, per-stage seconds and network evaluations per video). Returns the report."""
+    from cascade.data.video import to_uint8, write_video
+    from cascade.inference import check_video_path
+
+    out = check_video_path(out)
+    recipe, videos = cascade.recipe, {name: to_uint8(v) for name, v in generation.videos.items()}
+    sampled = [s["stage"] for s in generation.batches[0]["stages"]] if generation.batches else list(videos)
+    stage_dir = out.with_name(out.stem + "_stages")
+    loaded = cascade.stages[sampled[0]]
+    report = dict(recipe=recipe.name, tool=tool, tool_settings=dict(settings), prompts=generation.prompts, seed=seed,
+                  checkpoints=None if loaded.path is None else str(loaded.path.parent),
+                  weights={n: cascade.stages[n].info.summary() for n in sampled},
+                  settings={n: recipe.stage(n).model_dump(include={"sampler", "guidance", "augmentation"})
+                            for n in sampled},
+                  batches=generation.batches, outputs=[])
+    last = recipe.stage(list(videos)[-1])
+    for index, prompt in enumerate(generation.prompts):
+        final = out if len(generation.prompts) == 1 else out.with_name(f"{out.stem}_{index:03d}{out.suffix}")
+        write_video(final, videos[last.name][index], last.fps)
+        stages = {}
+        for name, video in videos.items():
+            stages[name] = str(write_video(stage_dir / f"{index:03d}_{name}.mp4", video[index], recipe.stage(name).fps))
+        report["outputs"].append(dict(prompt=prompt, video=str(final), stages=stages,
+                                      frames=int(videos[last.name].shape[1]), fps=last.fps))
+    totals: dict[str, dict] = {}
+    for batch in generation.batches:
+        for s in batch["stages"]:
+            total = totals.setdefault(s["stage"], dict(nfe_per_video=s["nfe_per_video"], seconds=0.0,
+                                                       windows=s.get("windows", 1)))
+            total["seconds"] += s["seconds"]
+    report["per_stage"] = totals
+    report["nfe_per_video"] = sum(t["nfe_per_video"] for t in totals.values())
+    report["environment"] = dict(python=platform.python_version(), torch=torch.__version__,
+                                 threads=torch.get_num_threads(), device=str(cascade.device), ranks=1)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def read_user_video(path: Path, what: str = "video") -> tuple[np.ndarray, float]:
+    """Frames (T, H, W, 3) uint8 and fps of a user's file; a UserError naming it when it is missing, unreadable or
+    empty. An audio stream is dropped with a warning."""
+    import av
+
+    from cascade.data.video import has_audio, read_video
+
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such {what} file")
+    try:
+        frames, fps = read_video(path)
+        audio = has_audio(path)
+    except (av.error.FFmpegError, OSError, ValueError, IndexError) as error:
+        raise UserError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
+    if len(frames) == 0:
+        raise UserError(f"{path}: the {what} has no frames")
+    if audio:
+        print(f"warning: {path} has an audio stream; audio dropped (the output is video only)", file=sys.stderr)
+    return frames, fps
+
+
+def _stage_names(recipe, start: str | None, end: str | None, options: tuple[str, str]) -> list[str]:
+    """The stages start..end of the recipe; a UserError naming the option for an unknown stage or a wrong order."""
+    chain = [s.name for s in recipe.stages]
+    for option, name in zip(options, (start, end)):
+        if name is not None and name not in chain:
+            raise UserError(f"{option} {name}: no such stage; stages are {', '.join(chain)}")
+    first, last = chain.index(start) if start else 0, chain.index(end) if end else len(chain) - 1
+    if last < first:
+        raise UserError(f"{options[1]} {end} comes before {options[0]} {start}; stages are {', '.join(chain)}")
+    return chain[first:last + 1]
+
+
+def run_tool_command(args, tool: str, prepare) -> int:
+    """A tool's command: check the device and --out, load the recipe, `prepare(recipe)` -> (stage names, run) checks
+    and reads the user's inputs before any work, then the stages are loaded, `run(cascade)` -> (Generation, tool
+    settings) samples, and the videos and report are written and summarised."""
+    from cascade.demo import _print_summary
+    from cascade.inference import check_device, check_video_path
+    from cascade.recipe import RecipeError, load_recipe
+
+    check_device(args.device)  # before any work
+    try:
+        check_video_path(args.out)
+        recipe = load_recipe(args.recipe, args.overrides)
+        names, run = prepare(recipe)
+        cascade = Cascade.from_recipe(recipe, args.checkpoints, stages=names, device=args.device, dtype=args.dtype)
+        generation, settings = run(cascade)
+        report = write_tool_report(cascade, generation, args.out, tool=tool, settings=settings, seed=args.seed)
+    except (FileNotFoundError, ValueError) as error:
+        if isinstance(error, RecipeError):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    _print_summary(report, args.out)
+    return 0
+
+
+def sample_tool_command(args, prompts: list[str]) -> int:
+    """`cascade sample --image IMG` (a video per prompt, starting with the image) or `cascade sample --story` (the
+    prompts are the segments of one long video)."""
+    if args.image is not None and args.story:
+        raise UserError("--image and --story: choose one (a story starts from text)")
+
+    def prepare(recipe):
+        names = _stage_names(recipe, None, args.up_to, ("", "--up-to"))
+        if args.image is not None:
+            image = read_user_video(args.image, "image")[0][0]
+
+            def run(cascade):
+                return (image_to_video(cascade, image, prompts, seed=args.seed, batch_size=args.batch_size,
+                                       up_to=args.up_to, reconstruction=args.reconstruction_weight),
+                        dict(image=str(args.image), image_size=[image.shape[1], image.shape[0]],
+                             reconstruction_weight=args.reconstruction_weight))
+        else:
+            def run(cascade):
+                return (story(cascade, prompts, context_frames=args.context_frames, seed=args.seed, up_to=args.up_to,
+                              reconstruction=args.reconstruction_weight),
+                        dict(segments=prompts, context_frames=args.context_frames,
+                             reconstruction_weight=args.reconstruction_weight))
+        return names, run
+
+    return run_tool_command(args, "image_to_video" if args.image is not None else "story", prepare)
+
+
+def _video_settings(path: Path, video: np.ndarray, fps: float) -> dict:
+    return dict(input=str(path), input_fps=fps, input_size=[video.shape[2], video.shape[1]], input_frames=len(video))
+
+
+def edit_command(args) -> int:
+    """`cascade edit VIDEO --prompt P --strength S --out OUT.mp4`."""
+    def prepare(recipe):
+        names = _stage_names(recipe, None, args.up_to, ("", "--up-to"))
+        video, fps = read_user_video(args.video)
+
+        def run(cascade):
+            return (edit(cascade, video, fps, args.prompt, strength=args.strength, seed=args.seed, up_to=args.up_to),
+                    dict(strength=args.strength, **_video_settings(args.video, video, fps)))
+        return names, run
+
+    return run_tool_command(args, "edit", prepare)
+
+
+def upscale_command(args) -> int:
+    """`cascade upscale VIDEO --from STAGE [--to STAGE] --out OUT.mp4`."""
+    def prepare(recipe):
+        names = _stage_names(recipe, args.from_stage, args.to_stage, ("--from", "--to"))
+        if recipe.stage(names[0]).kind == "base":
+            raise UserError(f"--from {names[0]}: the base stage makes videos from text; upscale starts at a "
+                            f"super-resolution stage ({', '.join(s.name for s in recipe.stages[1:])})")
+        video, fps = read_user_video(args.video)
+
+        def run(cascade):
+            return (upscale(cascade, video, fps, from_stage=args.from_stage, to_stage=args.to_stage,
+                            prompt=args.prompt, seed=args.seed, overlap=args.overlap),
+                    dict(from_stage=args.from_stage, to_stage=names[-1], overlap=args.overlap,
+                         **_video_settings(args.video, video, fps)))
+        return names, run
+
+    return run_tool_command(args, "upscale", prepare)

@@ -78,3 +78,9 @@ def read_video(path: str | Path | bytes) -> tuple[np.ndarray, float]:
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
         fps = float(stream.average_rate or stream.guessed_rate or 0)
     return np.stack(frames), fps
+
+
+def has_audio(path: str | Path) -> bool:
+    """Whether a video file has an audio stream (the tools read only the frames)."""
+    with av.open(str(path)) as container:
+        return bool(container.streams.audio)
