@@ -1,6 +1,7 @@
 """The run report (RUN/report.md): what the job graph produced, with the figures that say whether it learned.
 
-Reads RUN/graph.json (wall time per node), RUN/eval/{teachers,distilled}/eval.json, samples a few held-out captions
+Reads RUN/graph.json (wall time per node), RUN/eval/{teachers,distilled}/eval.json, RUN/tools/tools.json (the video
+tools' figures, `cascade.eval.tools`), samples a few held-out captions
 through both cascades (gifs under RUN/report/) and writes one markdown file that links the plots and the gifs.
 """
 
@@ -46,6 +47,32 @@ def _fmt(value, percent: bool = False) -> str:
     if percent:
         return f"{100 * value:.1f} %"
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _relative(path: str, run: Path) -> str:
+    p = Path(path).resolve()
+    return p.relative_to(run.resolve()).as_posix() if p.is_relative_to(run.resolve()) else str(path)
+
+
+def _tools_section(tools: dict, run: Path) -> list[str]:
+    from cascade.eval.tools import check_table
+
+    seconds = ", ".join(f"{k} {v:.0f}" for k, v in tools.get("seconds", {}).items())
+    lines = ["## Video tools", "", f"The distilled cascade's tools on {tools['videos']} held-out synthetic videos each "
+             f"(details: [tools/tools.md](tools/tools.md); seconds: {seconds}).", "", *check_table(tools["checks"]), ""]
+    lines += [f"![video tools]({_relative(p, run)})" for p in tools.get("plots", [])]
+    examples = tools.get("examples", {})
+    if examples:
+        lines += ["", "| " + " | ".join(examples) + " |", "|" + "---|" * len(examples),
+                  "| " + " | ".join(f"![{k}]({_relative(p, run)})" for k, p in examples.items()) + " |"]
+    return lines + [""]
+
+
+def _tools_summary(tools: dict) -> dict:
+    """report.json's tools entry: the checks, seconds and example paths (tools.json keeps the per-video rows)."""
+    return dict(checks=tools["checks"], seconds=tools.get("seconds", {}), examples=tools.get("examples", {}),
+                plots=tools.get("plots", []),
+                passed=all(c["passed"] is not False for c in tools["checks"]))
 
 
 def write_report(recipe: Recipe, run: Path, samples: int = 4, device=None) -> Path:
@@ -125,6 +152,12 @@ def write_report(recipe: Recipe, run: Path, samples: int = 4, device=None) -> Pa
             lines.append(f"| {caption} | " + " | ".join(cells) + " |")
         summary["samples"] = {w: [str(p) for p in paths] for w, paths in outputs.items()}
         lines.append("")
+
+    # The video tools (synthetic data): every figure against its target, the plot, an example of each tool.
+    tools_json = run / "tools" / "tools.json"
+    if tools_json.is_file():
+        lines += _tools_section(json.loads(tools_json.read_text()), run)
+        summary["tools"] = _tools_summary(json.loads(tools_json.read_text()))
 
     # Wall time of the graph.
     if graph:

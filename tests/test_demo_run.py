@@ -36,7 +36,7 @@ def test_shortened_demo_runs_the_whole_graph(tmp_path):
 
     graph = json.loads((run / "graph.json").read_text())
     expected = ["data", "embed", *[f"train/{s}" for s in STAGES], *[f"distill/{s}" for s in STAGES],
-                "eval/teachers", "eval/distilled", "report"]
+                "eval/teachers", "eval/distilled", "tools", "report"]
     assert list(graph) == expected and all(entry["seconds"] > 0 for entry in graph.values())
 
     # Teachers are the EMA weights at the last step; students are distilled to the recipe's end_steps.
@@ -70,6 +70,8 @@ def test_shortened_demo_runs_the_whole_graph(tmp_path):
                                                            for p in report["samples"]["distilled"])
     text = (run / "report.md").read_text()
     assert "| teachers |" in text and "| distilled |" in text and "Wall time per node" in text
+    assert "## Video tools" in text and set(report["tools"]["examples"]) == {"image_to_video", "story", "edit",
+                                                                            "upscale"}
 
     # A rerun finds everything complete.
     start = time.perf_counter()

@@ -262,7 +262,7 @@ def _edit(cascade, scenes, seed, progress, examples: Path, strengths=EDIT_STRENG
         if i == 0:
             _example(examples / "edit.gif", out, last.fps)
     sweep = []
-    for strength in strengths:
+    for strength in strengths:  # the default strength's rows are reused
         group = [rows[i] if strength == 0.5 else one(i, scene, strength)[0]
                  for i, scene in enumerate(scenes[:sweep_videos])]
         sweep.append(dict(strength=strength, videos=len(group), new_color=_share(r["new_color"] for r in group),
@@ -282,8 +282,8 @@ def _upscale(cascade, scenes, seed, progress, examples: Path) -> dict:
     finals, baselines = [], []
     for i, scene in enumerate(scenes):
         clip = render(scene, base.frames, base.width, base.height, base.fps)
-        result = upscale(cascade, clip, base.fps, from_stage=stages[1].name, to_stage=last.name, seed=seed + i,
-                         progress=progress)
+        result = upscale(cascade, clip, base.fps, from_stage=stages[1].name, to_stage=last.name,
+                         prompt=scene.caption, seed=seed + i, progress=progress)
         for s in stages[1:]:
             if s.name not in result.videos:
                 continue
@@ -329,6 +329,9 @@ def checks(result: dict) -> list[dict]:
             passed = None if value is None else bool(value >= goal)
         rows.append(dict(tool=tool, metric=metric, value=value, target=target, passed=passed))
 
+    for tool, error in result.get("errors", {}).items():
+        add(tool, "error: " + error.splitlines()[0][:120], None, "runs", False)
+
     if "image_to_video" in result:
         r = result["image_to_video"]
         add("image_to_video", "psnr_first_frame_db", r["psnr_first_frame_db"])
@@ -351,7 +354,7 @@ def checks(result: dict) -> list[dict]:
 
 
 def _fmt(value, metric: str) -> str:
-    if value is None:
+    if value is None or metric.startswith("error"):
         return "–"
     if metric.endswith("_db") or metric.endswith("_px"):
         return f"{value:.2f}"
@@ -456,15 +459,19 @@ def evaluate_tools(recipe, weights_folder, out_folder, *, videos: int = 8, seed:
                                       examples)),
              ("edit", lambda: _edit(cascade, scenes, seed, progress, examples, strengths, sweep_videos)),
              ("upscale", lambda: _upscale(cascade, scenes, seed, progress, examples)))
-    for name, run in parts:
+    for name, run in parts:  # a tool that fails is recorded (and fails its check); the others are still measured
         start = time.perf_counter()
-        result[name] = run()
+        try:
+            result[name] = run()
+        except Exception as error:  # noqa: BLE001 - a broken tool is a finding, not the end of the measurement
+            result.setdefault("errors", {})[name] = f"{type(error).__name__}: {error}"
+            print(f"tools: {name} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         seconds[name] = time.perf_counter() - start
         if progress:
             print(f"tools: {name} done in {seconds[name]:.0f} s", file=sys.stderr, flush=True)
     result["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     result["checks"] = checks(result)
-    result["examples"] = {name: str(examples / f"{name}.gif") for name, _ in parts}
+    result["examples"] = {name: str(examples / f"{name}.gif") for name, _ in parts if name in result}
     plot_path = plot(result, out)
     result["plots"] = [str(plot_path)] if plot_path else []
     (out / "tools.md").write_text(markdown(result))

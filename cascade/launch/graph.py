@@ -12,6 +12,8 @@ Nodes (RUN = `recipe.run_folder()`, runs/NAME unless the recipe sets run_dir):
 - ``train/STAGE``: train the stage, then export its EMA weights to RUN/teachers/STAGE.safetensors;
 - ``distill/STAGE``: guidance + progressive distillation of that teacher to RUN/distilled/STAGE.safetensors;
 - ``eval/teachers``, ``eval/distilled``: `cascade eval` of both cascades (RUN/eval/...);
+- ``tools``: the video tools of the distilled cascade on held-out synthetic videos (`cascade.eval.tools`,
+  RUN/tools/...; synthetic data only);
 - ``report``: samples for held-out captions and RUN/report.md with every figure.
 """
 
@@ -84,7 +86,12 @@ def job_graph(recipe: Recipe, stages: list[str] | None = None, embed_parts: int 
                           description="evaluate the trained cascade"))
         nodes.append(Node("eval/distilled", [f"distill/{n}" for n in names],
                           [run / "eval" / "distilled" / "eval.json"], description="evaluate the distilled cascade"))
-        nodes.append(Node("report", ["eval/teachers", "eval/distilled"], [run / "report.md"],
+        report_after = ["eval/teachers", "eval/distilled"]
+        if recipe.data.kind == "synthetic":  # exact ground truth and probes: the tools can be measured
+            nodes.append(Node("tools", [f"distill/{n}" for n in names], [run / "tools" / "tools.json"],
+                              description="measure image-to-video, stories, editing and upscaling"))
+            report_after.append("tools")
+        nodes.append(Node("report", report_after, [run / "report.md"],
                           description="samples for held-out captions, report"))
     return nodes
 
@@ -159,6 +166,11 @@ def run_node(recipe: Recipe, node: Node, part: int | None = None) -> None:
         _distill(recipe, name)
     elif kind == "eval":
         _eval(recipe, name)
+    elif kind == "tools":
+        from cascade.eval.tools import evaluate_tools
+
+        run = recipe.run_folder()  # videos per tool: 8, fewer when the recipe's evaluation uses fewer
+        evaluate_tools(recipe, run / "distilled", run / "tools", videos=min(8, recipe.eval.num_videos))
     elif kind == "report":
         from cascade.report import write_report
 

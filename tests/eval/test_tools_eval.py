@@ -81,6 +81,7 @@ def test_evaluate_tools_end_to_end_on_a_random_tiny_cascade(tmp_path):
     result = evaluate_tools(recipe, None, tmp_path / "tools", videos=1, device="cpu", progress=False, stories=1,
                             sweep_videos=1, strengths=(0.5, 0.9))
     saved = json.loads((tmp_path / "tools" / "tools.json").read_text())
+    assert saved.get("errors") is None, saved["errors"]
     assert set(saved) >= {"image_to_video", "story", "edit", "upscale", "checks", "seconds", "examples", "plots"}
     assert set(saved["seconds"]) == {"load", "image_to_video", "story", "edit", "upscale"}
     assert saved["upscale"]["psnr_db"].keys() == {"tsr1", "ssr1", "ssr2", "tsr2", "tsr3", "ssr3"}

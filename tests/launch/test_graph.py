@@ -23,7 +23,10 @@ def test_graph_nodes_and_dependencies(tmp_path):
     recipe = _recipe(tmp_path)
     nodes = {n.name: n for n in job_graph(recipe, embed_parts=3)}
     assert list(nodes) == ["data", "embed", *[f"train/{s}" for s in STAGES], *[f"distill/{s}" for s in STAGES],
-                           "eval/teachers", "eval/distilled", "report"]
+                           "eval/teachers", "eval/distilled", "tools", "report"]
+    assert nodes["tools"].after == [f"distill/{s}" for s in STAGES]
+    assert nodes["tools"].outputs == [tmp_path / "run" / "tools" / "tools.json"]
+    assert nodes["report"].after == ["eval/teachers", "eval/distilled", "tools"]
     assert nodes["embed"].after == ["data"] and nodes["embed"].parts == 3 and len(nodes["embed"].outputs) == 3
     assert all(nodes[f"train/{s}"].after == ["embed"] for s in STAGES)  # stages train independently
     assert nodes["distill/tsr2"].after == ["train/tsr2"] and nodes["distill/tsr2"].stage == "tsr2"
