@@ -89,3 +89,24 @@ def test_evaluate_tools_end_to_end_on_a_random_tiny_cascade(tmp_path):
     assert all((tmp_path / "tools" / "examples" / f"{k}.gif").stat().st_size > 0 for k in saved["examples"])
     assert (tmp_path / "tools" / "tools.md").read_text().startswith("# Video tools")
     assert result["checks"] == saved["checks"]
+
+
+def test_report_has_a_video_tools_section(tmp_path):
+    from cascade.eval.tools import checks
+    from cascade.recipe import load_recipe
+    from cascade.report import write_report
+
+    run = tmp_path / "run"
+    (run / "tools" / "examples").mkdir(parents=True)
+    tools = dict(videos=2, seconds=dict(load=1.0, edit=3.0), plots=[str(run / "tools" / "tools.png")],
+                 examples=dict(edit=str(run / "tools" / "examples" / "edit.gif")),
+                 edit=dict(new_color=1.0, within_2px=0.5, mean_px=1.5), errors={"story": "AttributeError: x"})
+    tools["checks"] = checks(tools)
+    (run / "tools" / "tools.json").write_text(json.dumps(tools))
+    recipe = load_recipe("tiny", [f"run_dir={run}", f"text_encoder.path={tmp_path / 't5'}"])
+    text = write_report(recipe, run).read_text()
+    assert "## Video tools" in text and "![edit](tools/examples/edit.gif)" in text
+    assert "| edit | new_color | 100.0 % | >= 0.9 | pass |" in text and "| edit | within_2px | 50.0 % | >= 0.9 | FAIL |" in text
+    assert "| story | error: AttributeError: x | – | runs | FAIL |" in text
+    summary = json.loads((run / "report.json").read_text())["tools"]
+    assert summary["passed"] is False and len(summary["checks"]) == 4
