@@ -208,10 +208,12 @@ def _story(cascade, count, seed, progress, examples: Path, context_frames: int =
         video = _uint8(result.final[0])  # (T, H, W, 3)
         ratio = video.shape[0] / result.videos[base.name].shape[2]  # final frames per base frame
         step = base.frames - context_frames  # base frames each later segment adds
+        # Segment s spans base frames s * step .. s * step + F - 1 (the first k shared with the one before); in
+        # final frames, to its last base frame's (the last segment: to the end, frames after its last base frame).
         starts = [round(s * step * ratio) for s in range(len(prompts))]
-        ends = [round((s * step + base.frames) * ratio) for s in range(len(prompts))]
+        ends = [round((s * step + base.frames - 1) * ratio) + 1 for s in range(len(prompts) - 1)] + [len(video)]
         seams = [round((s * step + context_frames) * ratio) for s in range(1, len(prompts))]  # first new frames
-        probed = [probe(video[a:min(b, len(video))]) for a, b in zip(starts, ends)]
+        probed = [probe(video[a:b]) for a, b in zip(starts, ends)]
         continuity = seam_jumps(centroids(video), seams)
         rows.append(dict(prompts=prompts, frames=int(video.shape[0]), segments=[[a, b] for a, b in zip(starts, ends)],
                          direction=[p["direction"] == d for p, d in zip(probed, directions)],
