@@ -250,6 +250,17 @@ def story(cascade: Cascade, prompts: Sequence[str], *, context_frames: int = 1, 
     return out
 
 
+def check_edit(base, video: np.ndarray, fps: float, strength: float, what: str = "the video") -> None:
+    """A UserError unless `strength` is in [0, 1] and `video` lasts at least the `base` stage's clip."""
+    _check_video(video, fps, what)
+    if not 0.0 <= strength <= 1.0:
+        raise UserError(f"--strength {strength:g}: must be in [0, 1] (0 keeps the video, 1 ignores it)")
+    if round((base.frames - 1) * fps / base.fps) >= len(video):  # the base's last frame time is past the end
+        raise UserError(f"{what} is {len(video)} frames at {fps:g} fps ({len(video) / fps:.2f} s), shorter than "
+                        f"the base stage's clip ({base.frames} frames at {base.fps:g} fps = "
+                        f"{base.frames / base.fps:g} s)")
+
+
 @torch.no_grad()
 def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, strength: float = 0.5, seed: int = 0,
          up_to: str | None = None, progress: bool = True) -> Generation:
@@ -258,15 +269,8 @@ def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, streng
     noised to the level t = `strength`, and every SR stage is conditioned on the edited lower stage and starts at
     the same strength from the input at its own resolution. Strength 0 returns the resampled input, 1 ignores it.
     The input must last at least the base's clip (frames / fps)."""
-    _check_video(video, fps)
-    if not 0.0 <= strength <= 1.0:
-        raise UserError(f"--strength {strength:g}: must be in [0, 1] (0 keeps the video, 1 ignores it)")
     names = _chain(cascade, up_to)
-    base = cascade.recipe.stage(names[0])
-    need = base.frames / base.fps
-    if round((base.frames - 1) * fps / base.fps) >= len(video):  # the base's last frame time is past the end
-        raise UserError(f"the video is {len(video)} frames at {fps:g} fps ({len(video) / fps:.2f} s), shorter than "
-                        f"the base stage's clip ({base.frames} frames at {base.fps:g} fps = {need:g} s)")
+    check_edit(cascade.recipe.stage(names[0]), video, fps, strength)
     text, mask = cascade.encode([prompt])
     out, previous, stats, begin = Generation([prompt], videos={}), None, [], time.perf_counter()
     for name in names:
@@ -447,6 +451,7 @@ def edit_command(args) -> int:
     def prepare(recipe):
         names = _stage_names(recipe, None, args.up_to, ("", "--up-to"))
         video, fps = read_user_video(args.video)
+        check_edit(recipe.stage(names[0]), video, fps, args.strength, str(args.video))
 
         def run(cascade):
             return (edit(cascade, video, fps, args.prompt, strength=args.strength, seed=args.seed, up_to=args.up_to),
