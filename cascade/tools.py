@@ -357,6 +357,17 @@ def write_tool_report(cascade: Cascade, generation: Generation, out: str | Path,
     return report
 
 
+def print_report(report: dict, out: Path) -> None:
+    """A tool report's summary: per stage the network evaluations per video, windows and seconds; the files."""
+    print(f"{'stage':<8} {'NFE/video':>9} {'windows':>7} {'seconds':>8}")
+    for name, s in report["per_stage"].items():
+        print(f"{name:<8} {s['nfe_per_video']:>9} {s['windows']:>7} {s['seconds']:>8.1f}")
+    print(f"total NFE per video: {report['nfe_per_video']}")
+    for o in report["outputs"]:
+        print(f"wrote {o['video']}  ({o['frames']} frames at {o['fps']:g} fps; {o['prompt']})")
+    print(f"report: {Path(out).with_suffix('.json')}")
+
+
 def read_user_video(path: Path, what: str = "video") -> tuple[np.ndarray, float]:
     """Frames (T, H, W, 3) uint8 and fps of a user's file; a UserError naming it when it is missing, unreadable or
     empty. An audio stream is dropped with a warning."""
@@ -394,7 +405,6 @@ def run_tool_command(args, tool: str, prepare) -> int:
     """A tool's command: check the device and --out, load the recipe, `prepare(recipe)` -> (stage names, run) checks
     and reads the user's inputs before any work, then the stages are loaded, `run(cascade)` -> (Generation, tool
     settings) samples, and the videos and report are written and summarised."""
-    from cascade.demo import _print_summary
     from cascade.inference import check_device, check_video_path
     from cascade.recipe import RecipeError, load_recipe
 
@@ -411,7 +421,7 @@ def run_tool_command(args, tool: str, prepare) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    _print_summary(report, args.out)
+    print_report(report, args.out)
     return 0
 
 

@@ -1,6 +1,7 @@
 """The video tools (image-to-video, story, edit, upscale) on the tiny recipe with random networks and few steps:
 through the `cascade` command line (written files, reports, errors) and as Python functions (exact checks)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -194,8 +195,7 @@ def test_upscale_constant_video_stays_constant_through_windows_and_padding(casca
     spec = Cascade.spec
 
     def constant_spec(self, name, setting=None):  # a network that predicts the constant video
-        return __import__("dataclasses").replace(spec(self, name, setting),
-                                                 denoiser=lambda z, logsnr, **kw: torch.full_like(z, 0.2))
+        return dataclasses.replace(spec(self, name, setting), denoiser=lambda z, logsnr, **kw: torch.full_like(z, 0.2))
     monkeypatch.setattr(Cascade, "spec", constant_spec)
     video = np.full((40, 12, 12, 3), 153, np.uint8)  # 5 s at 8 fps
     result = tools.upscale(cascade, video, 8.0, from_stage="tsr1", to_stage="ssr2", progress=False)
