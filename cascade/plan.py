@@ -192,7 +192,7 @@ def loss_and_backward(net: nn.Module, stage: Stage, batch: dict, precision: str)
     """One micro-batch of StageModule's training step: draw the noise level and noise, the stage's conditioning
     (caption dropout, noise augmentation), the loss of `cascade.diffusion`, backward."""
     from cascade.diffusion import Denoiser, diffusion_loss, sample_logsnr_train, stage_inputs
-    from cascade.recipe.build import build_augmentation, build_schedule
+    from cascade.recipe.build import build_augmentation, build_known_frames, build_schedule
 
     x = batch["video"]
     amp = autocast_of(precision)
@@ -200,7 +200,7 @@ def loss_and_backward(net: nn.Module, stage: Stage, batch: dict, precision: str)
         logsnr = sample_logsnr_train(x.shape[0], build_schedule(stage), device=x.device).float()
         noise = torch.randn_like(x)
         cond = stage_inputs(batch, build_augmentation(stage), training=True,
-                            text_drop_prob=stage.guidance.text_drop_prob)
+                            text_drop_prob=stage.guidance.text_drop_prob, known_frames=build_known_frames(stage))
         loss = diffusion_loss(Denoiser(net, stage.diffusion.parameterization), x, logsnr, noise,
                               stage.diffusion.loss_weighting, **cond).mean()
     loss.backward()

@@ -46,14 +46,14 @@ def known_frame_channels(known: Tensor | None, known_mask: Tensor | None, x: Ten
     """The known-frame input: the known frames with every other frame zeroed, and the mask as one channel, each
     (B, ., T, H, W) like x. Nothing given: zeros (no frame known)."""
     batch, _, frames, height, width = x.shape
+    if known is None and known_mask is not None:
+        raise ValueError("known_mask was given without the known frames")
     if known_mask is None:
         known_mask = torch.zeros(batch, frames, dtype=torch.bool, device=x.device)
     if known_mask.shape != (batch, frames):
         raise ValueError(f"known_mask has shape {tuple(known_mask.shape)}, expected {(batch, frames)}")
     mask = known_mask.to(x.dtype)[:, None, :, None, None]  # (B, 1, T, 1, 1)
     if known is None:
-        if known_mask.any():
-            raise ValueError("known_mask marks known frames but no known frames were given")
         known = torch.zeros(batch, channels, frames, height, width, dtype=x.dtype, device=x.device)
     if known.shape != (batch, channels, frames, height, width):
         raise ValueError(f"known frames have shape {tuple(known.shape)}, expected "

@@ -89,7 +89,7 @@ def test_override_float_in_scientific_notation():
 def test_override_by_stage_index():
     base = TINY_DATA["stages"][0]
     frames, fps = base["frames"] // 2, base["fps"] / 2  # the same duration, so the cascade still chains
-    recipe = load_recipe(TINY, [f"stages.0.frames={frames}", f"stages.0.fps={fps}"])
+    recipe = load_recipe(TINY, [f"stages.0.frames={frames}", f"stages.0.fps={fps}", "stages.0.known_frames.clip_frames=1"])
     assert (recipe.stages[0].frames, recipe.stages[0].fps) == (frames, fps)
     data = copy.deepcopy(TINY_DATA)
     apply_override(data, *parse_override("stages.1.frames=16"))

@@ -82,6 +82,8 @@ def test_network_sees_only_the_frames_the_mask_marks():
         # nothing given = nothing known
         none = net(x, torch.zeros(2), fps=4.0)
         assert torch.equal(none, net(x, torch.zeros(2), fps=4.0, known=known, known_mask=torch.zeros(2, 4).bool()))
+        with pytest.raises(ValueError, match="without the known frames"):
+            net(x, torch.zeros(2), fps=4.0, known_mask=mask)
     plain = _unet(known=False)
     assert plain.stem.in_channels == 3 and net.stem.in_channels == 7
     with pytest.raises(ValueError, match="without known-frame input"):
