@@ -178,7 +178,7 @@ class CascadeSampler:
 
             model = GuidedModel(fn, weights, thresholding=None if percentile is None else "dynamic",
                                 percentile=percentile or 99.5)
-            nfe = lambda: model.nfe  # noqa: E731
+            nfe = lambda guided=model: guided.nfe  # noqa: E731  (the GuidedModel, also once wrapped below)
         if known is not None and not stage.known_frames:
             model = reconstruction_guided(model, known, known_mask, stage.reconstruction_weight)
         z = randn((batch, 3, stage.frames, stage.height, stage.width), generator, device=device)

@@ -176,3 +176,17 @@ def test_edit_strength_zero_returns_the_input_and_small_strength_stays_near_it()
     assert (near - init).abs().mean() < 0.5 * (far - init).abs().mean()
     with pytest.raises(ValueError, match="strength"):
         CascadeSampler.sample_stage(spec, text, mask, None, None, init=init, strength=1.5)
+
+
+def test_known_frames_through_a_network_without_them_counts_its_evaluations():
+    net = _unet(known=False)
+    from cascade.diffusion import Denoiser
+
+    spec = StageSpec(name="base", kind="base", frames=4, height=8, width=8, fps=4.0, denoiser=Denoiser(net, "v"),
+                     schedule=CosineSchedule(), steps=5, dynamic_threshold=None, guidance=2.0)
+    text, mask = torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool)
+    known = torch.rand(1, 3, 4, 8, 8) * 2 - 1
+    video, nfe = CascadeSampler.sample_stage(spec, text, mask, None, torch.Generator().manual_seed(0), known=known,
+                                             known_mask=first_frames(1, 4, 1))
+    assert nfe == 10  # 5 guided steps, two passes each
+    assert torch.equal(video[:, :, 0], known[:, :, 0].clamp(-1, 1))  # imposed by the replacement
