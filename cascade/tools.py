@@ -133,8 +133,6 @@ def _run_long(cascade: Cascade, name: str, text: Tensor, mask: Tensor, previous:
     if total < stage.frames:  # shorter than a clip: pad the input with its last frame, trim the output
         pad = stage.frames // ratio - previous.shape[2]
         previous = torch.cat([previous, previous[:, :, -1:].expand(-1, -1, pad, -1, -1)], dim=2)
-        extra = {k: torch.cat([v, v[:, :, -1:].expand(-1, -1, pad * ratio, -1, -1)], dim=2)
-                 if k == "init" else v for k, v in extra.items()}
         video, nfe = cascade.sample_stage(name, text, mask, previous, seed, [0], spec=spec, progress=progress, **extra)
         video = video[:, :, :total]
     else:

@@ -97,6 +97,8 @@ def test_image_to_video_through_a_stage_with_reconstruction_guidance(cascade):
     image = np.full((8, 8, 3), 255, np.uint8)
     result = tools.image_to_video(cascade, image, ["a"], up_to="tsr1", progress=False)
     assert result.videos["tsr1"].shape == (1, 3, 8, 8, 8)
+    # the replacement method: the known frame is the prediction's, so the sampler ends on it
+    assert torch.allclose(result.videos["tsr1"][:, :, 0], torch.ones(1, 3, 8, 8), atol=1e-5)
 
 
 # --- story -----------------------------------------------------------------------------------------------------
