@@ -90,9 +90,6 @@ def test_fit_frames_covers_and_centre_crops():
     assert fitted.shape == (1, 8, 8, 3) and fitted.min() == 255
 
 
-@pytest.mark.xfail(raises=AttributeError, strict=True, reason="CascadeSampler.sample_stage reads model.nfe after "
-                   "reconstruction_guided rebinds `model` (cascade/sampling/cascade.py): a stage without known-frame "
-                   "input cannot be given known frames until that is fixed")
 def test_image_to_video_through_a_stage_with_reconstruction_guidance(cascade):
     image = np.full((8, 8, 3), 255, np.uint8)
     result = tools.image_to_video(cascade, image, ["a"], up_to="tsr1", progress=False)
