@@ -189,7 +189,7 @@ def _image_to_video(cascade, scenes, seed, progress, examples: Path) -> dict:
         rows.append(dict(caption=scene.caption, psnr_first_frame_db=psnr(first, truth[0])))
     probes, _ = probe_accuracy(finals, [r["caption"] for r in rows])
     _example(examples / "image_to_video.gif", finals[0], last.fps)
-    values = [r["psnr_first_frame_db"] for r in rows]
+    values = [r["psnr_first_frame_db"] for r in rows]  # inf where the frame is kept exactly: 100 dB in the mean
     return dict(videos=len(rows), psnr_first_frame_db=_mean(min(v, 100.0) for v in values),
                 psnr_first_frame_db_min=min(values), probes=probes, rows=rows)
 
