@@ -469,6 +469,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(p)
     p.set_defaults(func=_lazy("cascade.eval.runner", "eval_command"))
 
+    p = sub.add_parser("eval-tools", help="measure the video tools (image-to-video, stories, editing, upscaling) on "
+                       "held-out synthetic videos against their targets: tools.json, tools.md, a plot, example gifs")
+    p.add_argument("recipe", type=Path, help=RECIPE_HELP)
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--checkpoints", type=Path, required=True, help="folder of per-stage weights (STAGE.safetensors)")
+    p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINTS/../tools)")
+    p.add_argument("--videos", type=int, default=8, help="held-out videos per tool (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every video's random streams")
+    add_device_arguments(p, dtype=False)
+    p.set_defaults(func=_lazy("cascade.eval.tools", "eval_tools_command"))
+
     p = sub.add_parser("demo", help="the built-in demo: validate the shipped recipes, then sample a video "
                        "from a randomly initialised tiny cascade")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the sampled video")

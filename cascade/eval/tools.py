@@ -27,7 +27,7 @@ import torch
 
 from cascade.data.synthetic import BACKGROUNDS, COLORS, HELD_OUT, Scene, render, sample_scene
 
-__all__ = ["psnr", "centroids", "seam_jumps", "baseline_upscale", "evaluate_tools", "markdown", "add_parser",
+__all__ = ["psnr", "centroids", "seam_jumps", "baseline_upscale", "evaluate_tools", "markdown",
            "eval_tools_command", "STORY_DIRECTIONS", "TARGETS"]
 
 THRESHOLD = 64.0  # uint8: half the smallest color-background gap, as in cascade.eval.probes
@@ -494,22 +494,9 @@ def _json_default(value):
 # --------------------------------------------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------------------------------------------
-def add_parser(subparsers) -> None:
-    """`cascade eval-tools RECIPE --checkpoints DIR [--out DIR] [--videos N] [--device D] [overrides...]`."""
-    p = subparsers.add_parser("eval-tools", help="measure image-to-video, stories, editing and upscaling on held-out "
-                              "synthetic videos")
-    p.add_argument("recipe", help="recipe file or built-in name")
-    p.add_argument("overrides", nargs="*", help="dotted recipe overrides, key=value")
-    p.add_argument("--checkpoints", required=True, help="folder of STAGE.safetensors")
-    p.add_argument("--out", default=None, help="output folder (default: CHECKPOINTS/../tools)")
-    p.add_argument("--videos", type=int, default=8, help="held-out videos per tool (default 8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: CUDA if available, else the CPU")
-    p.set_defaults(func=eval_tools_command)
-
-
 def eval_tools_command(args) -> int:
-    """0 on success; 2 with a one-line reason for what the user can fix."""
+    """`cascade eval-tools` (parser in cascade.cli): 0 on success; 2 with a one-line reason for what the user can
+    fix."""
     from cascade.errors import UserError
     from cascade.recipe import load_recipe
 
