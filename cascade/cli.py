@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="a caption of the video (default: none)")
     p.add_argument("--overlap", type=int, help="frames shared by neighbouring windows of a video longer than a "
                    "stage's clip (default: half a clip)")
+    p.add_argument("--consistency", type=float, default=1.0, help="share of the residual between each step's "
+                   "prediction, seen at the stage's input size and fps, and that input that is corrected (default 1: "
+                   "the video's own frames and colours are kept; 0: off)")
     p.set_defaults(func=_lazy("cascade.tools", "upscale_command"), up_to=None)
 
     add_data_parsers(sub)

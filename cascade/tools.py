@@ -286,12 +286,16 @@ def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, streng
 
 @torch.no_grad()
 def upscale(cascade: Cascade, video: np.ndarray, fps: float, *, from_stage: str, to_stage: str | None = None,
-            prompt: str = "", seed: int = 0, progress: bool = True, overlap: int | None = None) -> Generation:
+            prompt: str = "", seed: int = 0, progress: bool = True, overlap: int | None = None,
+            consistency: float = 1.0) -> Generation:
     """The user's video ((T, H, W, 3) uint8 at `fps`, any length) through the SR stages `from_stage`..`to_stage`
     (default: the last): brought to `from_stage`'s input (its input stage's size and fps, keeping the duration),
     then every stage runs over it with windows of its clip length (`overlap`: default half a clip), or, shorter
-    than a clip, on the input padded with its last frame and trimmed back. `videos` holds the resampled input
-    under the input stage's name, then each stage's output."""
+    than a clip, on the input padded with its last frame and trimmed back. `consistency` (default 1, 0: off) corrects
+    each sampling step toward agreeing with the stage's input at the input's size and fps
+    (`cascade.sampling.cascade.input_consistency_guided`), so the video's own frames and colours are kept rather
+    than re-imagined from the noise-augmented input. `videos` holds the resampled input under the input stage's
+    name, then each stage's output."""
     _check_video(video, fps)
     chain = [s.name for s in cascade.recipe.stages]
     if from_stage in chain and cascade.recipe.stage(from_stage).kind == "base":
@@ -305,7 +309,8 @@ def upscale(cascade: Cascade, video: np.ndarray, fps: float, *, from_stage: str,
     out = Generation([prompt], videos={source.name: previous})
     stats, begin = [], time.perf_counter()
     for name in names:
-        previous, stat = _run_long(cascade, name, text, mask, previous, seed, overlap, progress)
+        previous, stat = _run_long(cascade, name, text, mask, previous, seed, overlap, progress,
+                                   consistency=consistency)
         out.videos[name] = previous
         stats.append(stat)
     out.batches.append(dict(prompts=[prompt], seconds=time.perf_counter() - begin, stages=stats))
@@ -480,8 +485,9 @@ def upscale_command(args) -> int:
 
         def run(cascade):
             return (upscale(cascade, video, fps, from_stage=args.from_stage, to_stage=args.to_stage,
-                            prompt=args.prompt, seed=args.seed, overlap=args.overlap),
+                            prompt=args.prompt, seed=args.seed, overlap=args.overlap, consistency=args.consistency),
                     dict(from_stage=args.from_stage, to_stage=names[-1], overlap=args.overlap,
+                         consistency=args.consistency,
                          **_video_settings(args.video, video, fps)))
         return names, run
 
