@@ -293,6 +293,7 @@ def _kill_and_resume(prepared, tmp_path, reference, stage: str, steps: int, ever
 
 
 # --- exact resume -------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # 47 s: the default suite keeps the single-SIGKILL DDP resume (tests/lit/test_resume.py)
 def test_resume_after_repeated_sigkill_is_exact(prepared, tmp_path, reference):
     """Three SIGKILLs of one run at random steps (one of them loses a completed step), each followed by the same
     command: the finished run is the uninterrupted one, bit for bit."""
@@ -327,6 +328,7 @@ def test_kill_during_checkpoint_write_leaves_a_usable_checkpoint(prepared, tmp_p
     _assert_same_checkpoint(ref / "checkpoints" / "last.ckpt", checkpoints / "last.ckpt", steps)
 
 
+@pytest.mark.slow  # 30 s
 def test_checkpoints_with_gradient_accumulation_hold_whole_steps(prepared, tmp_path, reference):
     """Two micro-batches per step. A SIGTERM during the first one: the run completes the optimizer step before it
     saves and stops; after the resume no checkpoint is written between micro-batches either (either would lose the
