@@ -83,8 +83,11 @@ def safetensors_metadata(path: str | Path, what: str = "weights file") -> dict[s
         raise UserError(f"{path}: an empty file (0 bytes), not a safetensors {what}; it was probably cut off while "
                         f"being written")
     with open(path, "rb") as file:
-        head = file.read(4)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = file.read(9)
+    # a safetensors file: a little-endian u64 header length n, then n bytes of JSON from "{" (its first byte can be
+    # anything, 0x80 included: only a file without that layout is judged by zip / pickle magic)
+    layout = len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+    if not layout and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise UserError(f"{path}: a PyTorch checkpoint or pickle, not a safetensors {what}; it was not loaded "
                         f"(nothing in it is unpickled). A training checkpoint becomes weights with "
                         f"`cascade export CHECKPOINT --out {path}`")

@@ -257,3 +257,20 @@ def test_two_exports_of_equal_checkpoints_are_byte_equal(tmp_path, capsys, base_
     assert meta["cascade.global_step"] == "7" and meta["cascade.weights"] == "ema"
     recipe = load_recipe(TINY)
     assert json.loads(meta["cascade.stage"]) == recipe.stage("base").model_dump(mode="json")
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_the_pickle_byte_loads(tmp_path):
+    """A safetensors file starts with its header's length (u64, little-endian): a length of 0x..80 bytes put 0x80,
+    pickle's first byte, at byte 0, and the file was refused as a pickle (a teacher in the SLURM graph test)."""
+    from safetensors.torch import save_file
+
+    from cascade.loading import read_safetensors
+
+    path = tmp_path / "w.safetensors"
+    for pad in range(300):  # grow the metadata until the header's length ends in 0x80
+        save_file({"w": torch.ones(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    tensors, metadata = read_safetensors(path)
+    assert torch.equal(tensors["w"], torch.ones(2)) and metadata["pad"] == "x" * pad
