@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cascade.errors import UserError
 from cascade.recipe import RecipeError, load_recipe
+from cascade.tools import print_report
 
 DEMO_PROMPTS = ["a red circle moving right on a black background", "a cyan square moving up on a gray background"]
 
@@ -50,18 +51,8 @@ def sample_command(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if report is not None:  # rank 0
-        _print_summary(report, args.out)
+        print_report(report, args.out)
     return 0
-
-
-def _print_summary(report: dict, out: Path) -> None:
-    print(f"{'stage':<8} {'NFE/video':>9} {'seconds':>8}")
-    for name, s in report["per_stage"].items():
-        print(f"{name:<8} {s['nfe_per_video']:>9} {s['seconds']:>8.1f}")
-    print(f"total NFE per video: {report['nfe_per_video']}")
-    for o in report["outputs"]:
-        print(f"wrote {o['video']}  ({o['prompt']})")
-    print(f"report: {out.with_suffix('.json')}")
 
 
 def demo_command(args) -> int:
@@ -94,5 +85,5 @@ def demo_command(args) -> int:
     print(f"== sampling {len(DEMO_PROMPTS)} videos from a randomly initialised tiny cascade (4 steps per stage)")
     cascade = Cascade.from_recipe(recipe, device=args.device)
     report = write_samples(cascade, DEMO_PROMPTS, out / "sample.mp4", seed=0, batch_size=2, release_text_encoder=True)
-    _print_summary(report, out / "sample.mp4")
+    print_report(report, out / "sample.mp4")
     return 0

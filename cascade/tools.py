@@ -372,13 +372,17 @@ def write_tool_report(cascade: Cascade, generation: Generation, out: str | Path,
 
 
 def print_report(report: dict, out: Path) -> None:
-    """A tool report's summary: per stage the network evaluations per video, windows and seconds; the files."""
-    print(f"{'stage':<8} {'NFE/video':>9} {'windows':>7} {'seconds':>8}")
+    """The summary of a sample or tool report: per stage the network evaluations per video (and, for a tool, the
+    windows) and seconds; the files written."""
+    windows = all("windows" in s for s in report["per_stage"].values())
+    print(f"{'stage':<8} {'NFE/video':>9}" + (f" {'windows':>7}" if windows else "") + f" {'seconds':>8}")
     for name, s in report["per_stage"].items():
-        print(f"{name:<8} {s['nfe_per_video']:>9} {s['windows']:>7} {s['seconds']:>8.1f}")
+        print(f"{name:<8} {s['nfe_per_video']:>9}" + (f" {s['windows']:>7}" if windows else "")
+              + f" {s['seconds']:>8.1f}")
     print(f"total NFE per video: {report['nfe_per_video']}")
     for o in report["outputs"]:
-        print(f"wrote {o['video']}  ({o['frames']} frames at {o['fps']:g} fps; {o['prompt']})")
+        shape = f"{o['frames']} frames at {o['fps']:g} fps; " if "frames" in o else ""
+        print(f"wrote {o['video']}  ({shape}{o['prompt']})")
     print(f"report: {Path(out).with_suffix('.json')}")
 
 
