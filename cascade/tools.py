@@ -191,7 +191,7 @@ def story_segments(frames: int, context_frames: int, count: int) -> list[int]:
 @torch.no_grad()
 def story(cascade: Cascade, prompts: Sequence[str], *, context_frames: int = 1, seed: int = 0,
           overlap: int | None = None, up_to: str | None = None, reconstruction: float | None = None,
-          progress: bool = True) -> Generation:
+          image: np.ndarray | None = None, progress: bool = True) -> Generation:
     """One long video from a sequence of prompts, one base segment each. Segment 1 is the base sample of prompt 1;
     segment i is sampled with prompt i and the last `context_frames` (k) frames of the video so far as its known
     first frames, and only its new frames are appended: the long base video has F + (n - 1)(F - k) frames (segment
@@ -199,7 +199,9 @@ def story(cascade: Cascade, prompts: Sequence[str], *, context_frames: int = 1, 
     (windows of the stage's clip length, `overlap` frames shared: default half a clip, aligned to a TSR's ratio;
     memory bounded by one window) and, when there are several windows, each window gets the text of the prompt
     whose new frames hold the window's centre frame, so the detail added at
-    higher resolutions follows the story. `Generation.prompts` is the one story, joined with " | "."""
+    higher resolutions follows the story. `image` ((H, W, 3) uint8, any size), when given, is the known first
+    frame of segment 1 at the base (fitted to its size), as in `image_to_video`; the SR stages upsample the base's
+    video as for any story. `Generation.prompts` is the one story, joined with " | "."""
     from cascade.diffusion.inputs import first_frames
 
     prompts = list(prompts)
@@ -210,11 +212,17 @@ def story(cascade: Cascade, prompts: Sequence[str], *, context_frames: int = 1, 
     if not 1 <= context_frames < base.frames:
         raise UserError(f"--context-frames {context_frames}: must be at least 1 and less than the base's "
                         f"{base.frames} frames")
+    if image is not None and (image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8):
+        raise UserError(f"the image: expected (H, W, 3) uint8, got {image.shape} {image.dtype}")
     texts, masks = cascade.encode(prompts)
     setting, stats, begin = _setting(reconstruction), [], time.perf_counter()
     video, nfe_total, start = None, 0, time.perf_counter()
     for i in range(len(prompts)):
         extra = {}
+        if video is None and image is not None:
+            known = torch.zeros(1, 3, base.frames, base.height, base.width)
+            known[:, :, :1] = _to_tensor(fit_frames(image[None], base.width, base.height))
+            extra = dict(known=known, known_mask=first_frames(1, base.frames, 1))
         if video is not None:
             known = torch.zeros(1, 3, base.frames, base.height, base.width)
             known[:, :, :context_frames] = video[:, :, -context_frames:]
@@ -260,8 +268,8 @@ def check_edit(base, video: np.ndarray, fps: float, strength: float, what: str =
 
 
 @torch.no_grad()
-def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, strength: float = 0.5, seed: int = 0,
-         up_to: str | None = None, progress: bool = True) -> Generation:
+def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, strength: float = 0.3, seed: int = 0,
+         up_to: str | None = None, source_prompt: str | None = None, progress: bool = True) -> Generation:
     """SDEdit (Meng et al. 2022) through the cascade: `video` ((T, H, W, 3) uint8 at `fps`) is resampled to every
     stage (the stage's frames at its fps from the start, fitted to its size); the base is denoised from the input
     noised to the level t = `strength`, and every SR stage is conditioned on the edited lower stage and starts at
@@ -269,12 +277,22 @@ def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, streng
     the lower stage), U the network's own upsampling of its input. Its detail (edges, positions) is the input's,
     its colours the edit's; starting from the input itself brought the old colour back at every SR stage (tiny
     cascade: the base turned red, ssr3 stayed blue). Strength 0 returns the resampled input, 1 ignores it. The input
-    must last at least the base's clip (frames / fps)."""
+    must last at least the base's clip (frames / fps).
+
+    `source_prompt` (what the input shows; "" for none): each stage brings its start to the strength's noise level by
+    DDIM inversion under that caption (`cascade.sampling.cascade.ddim_invert`) and samples back with DDIM, instead
+    of adding random noise; the layout and motion are kept better (tiny cascade, 4 held-out videos, strength 0.3:
+    mean centroid distance 2.6 px at 64x64 against 3.3 px, every colour changed against 75 %). It costs the
+    inversion's network evaluations, as many again."""
     from cascade.nn.unet import upsample_condition
 
     names = _chain(cascade, up_to)
     check_edit(cascade.recipe.stage(names[0]), video, fps, strength)
     text, mask = cascade.encode([prompt])
+    invert = {}
+    if source_prompt is not None:  # DDIM inversion under the source's caption ("": unconditional)
+        source_text, source_mask = cascade.encode([source_prompt])
+        invert = dict(invert_text=(source_text, source_mask & bool(source_prompt.strip())))
     out, previous, stats, begin = Generation([prompt], videos={}), None, [], time.perf_counter()
     lower = None  # the input at the previous stage's size and fps
     for name in names:
@@ -287,7 +305,7 @@ def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, streng
         lower = source
         start = time.perf_counter()
         previous, nfe = cascade.sample_stage(name, text, mask, previous, seed, [0], None, progress, init=init,
-                                             strength=strength)
+                                             strength=strength, **invert)
         previous = previous.cpu()
         out.videos[name] = previous
         stats.append(_stat(cascade, name, nfe, time.perf_counter() - start, stage.frames))
@@ -445,29 +463,25 @@ def run_tool_command(args, tool: str, prepare) -> int:
 
 def sample_tool_command(args, prompts: list[str]) -> int:
     """`cascade sample --image IMG` (a video per prompt, starting with the image) or `cascade sample --story` (the
-    prompts are the segments of one long video)."""
-    if args.image is not None and args.story:
-        raise UserError("--image and --story: choose one (a story starts from text)")
-
+    prompts are the segments of one long video; with --image, its first segment starts from the image)."""
     def prepare(recipe):
         names = _stage_names(recipe, None, args.up_to, ("", "--up-to"))
-        if args.image is not None:
-            image = read_user_video(args.image, "image")[0][0]
-
+        image = None if args.image is None else read_user_video(args.image, "image")[0][0]
+        shown = {} if image is None else dict(image=str(args.image), image_size=[image.shape[1], image.shape[0]])
+        if not args.story:
             def run(cascade):
                 return (image_to_video(cascade, image, prompts, seed=args.seed, batch_size=args.batch_size,
                                        up_to=args.up_to, reconstruction=args.reconstruction_weight),
-                        dict(image=str(args.image), image_size=[image.shape[1], image.shape[0]],
-                             reconstruction_weight=args.reconstruction_weight))
-        else:
+                        dict(**shown, reconstruction_weight=args.reconstruction_weight))
+        else:  # with --image: the story's first segment starts from it
             def run(cascade):
                 return (story(cascade, prompts, context_frames=args.context_frames, seed=args.seed, up_to=args.up_to,
-                              reconstruction=args.reconstruction_weight),
-                        dict(segments=prompts, context_frames=args.context_frames,
+                              reconstruction=args.reconstruction_weight, image=image),
+                        dict(segments=prompts, context_frames=args.context_frames, **shown,
                              reconstruction_weight=args.reconstruction_weight))
         return names, run
 
-    return run_tool_command(args, "image_to_video" if args.image is not None else "story", prepare)
+    return run_tool_command(args, "story" if args.story else "image_to_video", prepare)
 
 
 def _video_settings(path: Path, video: np.ndarray, fps: float) -> dict:
@@ -475,15 +489,17 @@ def _video_settings(path: Path, video: np.ndarray, fps: float) -> dict:
 
 
 def edit_command(args) -> int:
-    """`cascade edit VIDEO --prompt P --strength S --out OUT.mp4`."""
+    """`cascade edit VIDEO --prompt P [--source-prompt Q] --strength S --out OUT.mp4`."""
     def prepare(recipe):
         names = _stage_names(recipe, None, args.up_to, ("", "--up-to"))
         video, fps = read_user_video(args.video)
         check_edit(recipe.stage(names[0]), video, fps, args.strength, str(args.video))
 
         def run(cascade):
-            return (edit(cascade, video, fps, args.prompt, strength=args.strength, seed=args.seed, up_to=args.up_to),
-                    dict(strength=args.strength, **_video_settings(args.video, video, fps)))
+            return (edit(cascade, video, fps, args.prompt, strength=args.strength, seed=args.seed, up_to=args.up_to,
+                         source_prompt=args.source_prompt),
+                    dict(strength=args.strength, source_prompt=args.source_prompt,
+                         **_video_settings(args.video, video, fps)))
         return names, run
 
     return run_tool_command(args, "edit", prepare)

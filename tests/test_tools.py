@@ -115,6 +115,35 @@ def test_sample_story_one_long_video(tmp_path, tiny_t5):
     assert len(report["outputs"]) == 1 and report["per_stage"]["tsr1"]["windows"] > 1
 
 
+def test_sample_story_from_an_image_starts_with_it(tmp_path, tiny_t5):
+    image = tmp_path / "image.png"
+    still = np.zeros((16, 16, 3), np.uint8)
+    still[4:12, 4:12] = (230, 40, 40)
+    image.write_bytes(encode_image(still))
+    out = tmp_path / "story.mp4"
+    code = main(["sample", str(TINY), f"text_encoder.path={tiny_t5}", *FAST, "--story", "--image", str(image),
+                 "--prompt", "a red square moving right", "--prompt", "a red square moving up", "--up-to", "base",
+                 "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["tool"] == "story" and report["tool_settings"]["image"] == str(image)
+    base = load_recipe(TINY).stage("base")
+    frames, _ = read_video(out)
+    assert frames.shape[0] == 2 * base.frames - 1
+
+
+def test_story_from_an_image_keeps_it_as_the_first_frame(cascade):
+    from cascade.tools import fit_frames, story
+
+    still = np.zeros((16, 16, 3), np.uint8)
+    still[4:12, 4:12] = (230, 40, 40)
+    result = story(cascade, ["a red square moving right", "a red square moving up"], image=still, up_to="base",
+                   progress=False)
+    base = cascade.recipe.stage("base")
+    fitted = torch.from_numpy(fit_frames(still[None], base.width, base.height)[0]).permute(2, 0, 1) / 127.5 - 1
+    assert torch.equal(result.videos["base"][0, :, 0], fitted.float())
+
+
 def test_story_continues_from_context_frames_to_the_last_stage(cascade, monkeypatch):
     calls = []
     monkeypatch.setattr(Cascade, "sample_stage", _fake_sample_stage(calls))
@@ -172,6 +201,24 @@ def test_edit_command_writes_stages_and_report(tmp_path, tiny_t5):
     settings = report["tool_settings"]
     assert settings["strength"] == 0.5 and settings["input_frames"] == 20 and settings["input_size"] == [36, 24]
     assert abs(settings["input_fps"] - 8.0) < 0.1 and report["nfe_per_video"] > 0
+
+
+def test_edit_with_a_source_prompt_inverts_and_samples_back_with_ddim(tmp_path, tiny_t5, monkeypatch):
+    from cascade.sampling import cascade as sampling
+
+    inverted = []
+    real = sampling.ddim_invert
+    monkeypatch.setattr(sampling, "ddim_invert", lambda *a: inverted.append(a[2]) or real(*a))
+    source = tmp_path / "in.mp4"
+    _video(source, frames=20, fps=8.0)
+    out = tmp_path / "edited.mp4"
+    code = main(["edit", str(TINY), str(source), f"text_encoder.path={tiny_t5}", *FAST, "--prompt", "a red circle",
+                 "--source-prompt", "a blue circle", "--strength", "0.5", "--up-to", "tsr1", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["tool_settings"]["source_prompt"] == "a blue circle" and len(inverted) == 2  # base and tsr1
+    for grid, name in zip(inverted, ("base", "tsr1")):  # the inversion's evaluations count: as many again
+        assert report["per_stage"][name]["nfe_per_video"] >= 2 * (len(grid) - 1)
 
 
 # --- upscale ---------------------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@ synthetic videos, whose ground truth is exact (`cascade.data.synthetic.render`),
 
 - image-to-video: PSNR of the generated base first frame against the ground truth's (the image is the known first
   frame), probes of the final stage against the caption;
-- stories: 3 segments whose direction changes per segment; per-segment direction, color constancy, and continuity at
+- stories: 3 segments whose direction changes per segment, from a first frame with the object at the centre (so
+  that it has room to move every way the story turns); per-segment direction, color constancy, and continuity at
   the seams (the centroid's jump at a seam is no larger than the largest jump between consecutive frames inside a
   segment);
-- editing: the caption's color word changed; the share whose probed color becomes the new one, and the per-frame
-  centroid distance to the input (px at 64x64); also both against the SDEdit strength;
+- editing: the caption's color word changed, the video inverted under its own caption (`edit(source_prompt=)`); the
+  share whose probed color becomes the new one, and the per-frame centroid distance to the input (px at 64x64); also
+  both against the strength, and SDEdit's random noise (no source caption) at the default strength beside it;
 - upscaling: base-size ground-truth clips through every later stage against bicubic (space) + linear (time)
   interpolation; PSNR per stage against the ground truth, probes at the final stage.
 
@@ -34,7 +36,8 @@ THRESHOLD = 64.0  # uint8: half the smallest color-background gap, as in cascade
 # Direction sequences of the 3-segment stories: each turns by 90 degrees, then again, so the object comes back.
 STORY_DIRECTIONS = (("right", "up", "left"), ("left", "down", "right"), ("up", "right", "down"),
                     ("down", "left", "up"))
-EDIT_STRENGTHS = (0.3, 0.5, 0.7, 0.9)  # the sweep; 0.5 is `cascade.tools.edit`'s default
+EDIT_STRENGTHS = (0.2, 0.3, 0.5, 0.7)  # the sweep; 0.3 is `cascade.tools.edit`'s default
+EDIT_DEFAULT = 0.3
 SWEEP_VIDEOS = 4
 CENTROID_PX = 2.0  # the edited trajectory's tolerance, px at 64x64
 # (tool, metric) -> (comparison, target). From issue 18; the stories' targets are ours (the issue sets none).
@@ -194,7 +197,7 @@ def _image_to_video(cascade, scenes, seed, progress, examples: Path) -> dict:
                 psnr_first_frame_db_min=min(values), probes=probes, rows=rows)
 
 
-def _story(cascade, count, seed, progress, examples: Path, context_frames: int = 1) -> dict:
+def _story(cascade, count, seed, progress, examples: Path, context_frames: int = 1, centred: bool = True) -> dict:
     from cascade.eval.probes import probe
     from cascade.tools import story
 
@@ -204,7 +207,12 @@ def _story(cascade, count, seed, progress, examples: Path, context_frames: int =
         color, shape, _, background = HELD_OUT[i % len(HELD_OUT)]
         directions = STORY_DIRECTIONS[i % len(STORY_DIRECTIONS)]
         prompts = [Scene(color, shape, d, background, 0.3, 0.5, 0.5, 0.0).caption for d in directions]
-        result = story(cascade, prompts, context_frames=context_frames, seed=seed + i, progress=progress)
+        image = None
+        if centred:  # the object starts at the frame's centre: room to move in every direction of the story
+            image = render(Scene(color, shape, directions[0], background, 0.3, 0.5, 0.5, 0.0), 1, last.width,
+                           last.height, last.fps)[0]
+        result = story(cascade, prompts, context_frames=context_frames, seed=seed + i, progress=progress,
+                       image=image)
         video = _uint8(result.final[0])  # (T, H, W, 3)
         ratio = video.shape[0] / result.videos[base.name].shape[2]  # final frames per base frame
         step = base.frames - context_frames  # base frames each later segment adds
@@ -242,12 +250,12 @@ def _edit(cascade, scenes, seed, progress, examples: Path, strengths=EDIT_STRENG
     last = cascade.recipe.stages[-1]
     scale = 64.0 / last.width  # distances in px at 64x64
 
-    def one(i, scene, strength):
+    def one(i, scene, strength, invert=True):
         video = render(scene, last.frames, last.width, last.height, last.fps)
         new = _other_color(scene.color, i)
         prompt = scene.caption.replace(f"a {scene.color} ", f"a {new} ", 1)
-        kwargs = {} if strength is None else dict(strength=strength)
-        out = _uint8(edit(cascade, video, last.fps, prompt, seed=seed + i, progress=progress, **kwargs).final[0])
+        out = _uint8(edit(cascade, video, last.fps, prompt, strength=strength, seed=seed + i, progress=progress,
+                          source_prompt=scene.caption if invert else None).final[0])
         a, b = centroids(video), centroids(out)
         if len(b) != len(a):  # compare frames at the same times
             b = b[np.round(np.linspace(0, len(b) - 1, len(a))).astype(int)]
@@ -257,21 +265,28 @@ def _edit(cascade, scenes, seed, progress, examples: Path, strengths=EDIT_STRENG
                    mean_px=float(distance.mean()), max_px=float(distance.max()))
         return row, out
 
+    def summary(group, **head):
+        return dict(**head, videos=len(group), new_color=_share(r["new_color"] for r in group),
+                    mean_px=_mean(r["mean_px"] for r in group),
+                    within_2px=_share(r["max_px"] <= CENTROID_PX for r in group))
+
     rows = []
     for i, scene in enumerate(scenes):
-        row, out = one(i, scene, None)
+        row, out = one(i, scene, EDIT_DEFAULT)
         rows.append(row)
         if i == 0:
             _example(examples / "edit.gif", out, last.fps)
     sweep = []
     for strength in strengths:  # the default strength's rows are reused
-        group = [rows[i] if strength == 0.5 else one(i, scene, strength)[0]
+        group = [rows[i] if strength == EDIT_DEFAULT else one(i, scene, strength)[0]
                  for i, scene in enumerate(scenes[:sweep_videos])]
-        sweep.append(dict(strength=strength, videos=len(group), new_color=_share(r["new_color"] for r in group),
-                          mean_px=_mean(r["mean_px"] for r in group)))
-    return dict(videos=len(rows), strength="default", new_color=_share(r["new_color"] for r in rows),
-                mean_px=_mean(r["mean_px"] for r in rows), max_px=max(r["max_px"] for r in rows),
-                within_2px=_share(r["max_px"] <= CENTROID_PX for r in rows), sweep=sweep, rows=rows)
+        sweep.append(summary(group, strength=strength, inversion=True))
+    random_noise = summary([one(i, scene, EDIT_DEFAULT, invert=False)[0] for i, scene in enumerate(scenes[:sweep_videos])],
+                           strength=EDIT_DEFAULT, inversion=False)
+    return dict(videos=len(rows), strength=EDIT_DEFAULT, inversion="source caption",
+                new_color=_share(r["new_color"] for r in rows), mean_px=_mean(r["mean_px"] for r in rows),
+                max_px=max(r["max_px"] for r in rows), within_2px=_share(r["max_px"] <= CENTROID_PX for r in rows),
+                sweep=sweep, random_noise=random_noise, rows=rows)
 
 
 def _upscale(cascade, scenes, seed, progress, examples: Path) -> dict:
@@ -374,9 +389,12 @@ def markdown(result: dict) -> str:
                   for s, v in result["upscale"]["psnr_db"].items()]
         lines.append("")
     if "edit" in result:
-        lines += ["| edit strength | videos | new color | mean centroid distance (px at 64x64) |", "|---|---|---|---|"]
-        lines += [f"| {r['strength']:g} | {r['videos']} | {_fmt(r['new_color'], '')} | {_fmt(r['mean_px'], '_px')} |"
-                  for r in result["edit"]["sweep"]]
+        lines += ["| edit strength | start | videos | new color | mean centroid distance (px at 64x64) | within 2 px |",
+                  "|---|---|---|---|---|---|"]
+        edits = result["edit"]["sweep"] + ([result["edit"]["random_noise"]] if "random_noise" in result["edit"] else [])
+        lines += [f"| {r['strength']:g} | {'DDIM inversion' if r.get('inversion', True) else 'random noise'} | "
+                  f"{r['videos']} | {_fmt(r['new_color'], '')} | {_fmt(r['mean_px'], '_px')} | "
+                  f"{_fmt(r.get('within_2px'), '')} |" for r in edits]
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -414,7 +432,7 @@ def plot(result: dict, out: Path) -> Path | None:
                           for r in sweep], marker="s", color="C1")
             twin.axhline(CENTROID_PX, color="C1", linestyle=":", linewidth=1)
             twin.set_ylabel("mean centroid distance (px at 64x64)", color="C1")
-            ax.set_xlabel("SDEdit strength")
+            ax.set_xlabel(f"strength (DDIM inversion under the source caption; {sweep[0]['videos']} videos)")
             ax.set_title("editing: color change against trajectory kept")
         else:
             names = list(result["upscale"]["psnr_db"])
@@ -437,7 +455,8 @@ def evaluate_tools(recipe, weights_folder, out_folder, *, videos: int = 8, seed:
                    progress: bool = True, stories: int | None = None, sweep_videos: int = SWEEP_VIDEOS,
                    strengths=EDIT_STRENGTHS) -> dict:
     """Measure the four tools of the cascade in `weights_folder` on `videos` held-out synthetic videos each
-    (`stories`, default min(videos, 3), 3-segment stories; the edit sweep on `sweep_videos` of them); write
+    (`stories`, default min(videos, 4): 3-segment stories starting from the object at the centre; the edit sweep
+    on `sweep_videos` of them); write
     out_folder/tools.json (the figures, every check against its target, seconds per part), tools.md, tools.png and
     examples/{image_to_video,story,edit,upscale}.gif. Returns what tools.json holds."""
     from cascade.inference import Cascade
@@ -457,8 +476,8 @@ def evaluate_tools(recipe, weights_folder, out_folder, *, videos: int = 8, seed:
     seconds = dict(load=time.perf_counter() - start)
     result = dict(recipe=recipe.name, weights=str(weights_folder), videos=videos, seed=seed)
     parts = (("image_to_video", lambda: _image_to_video(cascade, scenes, seed, progress, examples)),
-             ("story", lambda: _story(cascade, min(videos, 3) if stories is None else stories, seed, progress,
-                                      examples)),
+             ("story", lambda: _story(cascade, min(videos, len(STORY_DIRECTIONS)) if stories is None else stories,
+                                      seed, progress, examples)),
              ("edit", lambda: _edit(cascade, scenes, seed, progress, examples, strengths, sweep_videos)),
              ("upscale", lambda: _upscale(cascade, scenes, seed, progress, examples)))
     for name, run in parts:  # a tool that fails is recorded (and fails its check); the others are still measured

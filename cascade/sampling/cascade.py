@@ -7,6 +7,7 @@ whole cascade (weights, text encoder, device) from a recipe.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from cascade.diffusion.inputs import stage_inputs
 from cascade.diffusion.noise import Generator, VideoGenerators, randn
 from cascade.sampling.guidance import GuidedModel, dynamic_threshold, guidance_weights
 from cascade.sampling.samplers import sample
-from cascade.sampling.steps import time_grid
+from cascade.sampling.steps import ddim_step, time_grid
 from cascade.diffusion.param import append_dims, diffuse
 
 
@@ -44,6 +45,21 @@ def input_view(x: Tensor, frames: int, height: int, width: int) -> Tensor:
     return x
 
 
+def spread_in_time(x: Tensor, frames: int) -> Tensor:
+    """(B, C, T', H, W) -> (B, C, frames, H, W), frames = r T': input frame i lands on output frame r i and the
+    frames between two input frames are their linear interpolation (after the last one it holds), matching the
+    frame times of `input_view`."""
+    total = x.shape[2]
+    ratio = frames // total
+    if ratio == 1:
+        return x
+    position = torch.arange(frames, dtype=torch.float64) / ratio
+    lo = position.floor().long().clamp(max=total - 1)
+    hi = (lo + 1).clamp(max=total - 1)
+    w = (position - lo).clamp(max=1.0).to(x.dtype).to(x.device)[None, None, :, None, None]
+    return (1 - w) * x[:, :, lo] + w * x[:, :, hi]
+
+
 def input_consistency_guided(model: Callable[[Tensor, Tensor, int], Tensor], low: Tensor, weight: float
                              ) -> Callable[[Tensor, Tensor, int], Tensor]:
     """A super-resolution sampler model whose prediction agrees with its clean input `low` (B, C, T', H', W').
@@ -64,11 +80,24 @@ def input_consistency_guided(model: Callable[[Tensor, Tensor, int], Tensor], low
             flat = F.interpolate(residual.transpose(1, 2).flatten(0, 1), size=(full_h, full_w), mode="bilinear",
                                  align_corners=False)
             residual = flat.unflatten(0, (batch, frames)).transpose(1, 2)
-        correction = torch.zeros_like(x_hat)
-        correction[:, :, :: total // frames] = residual
-        return x_hat + weight * correction
+        return x_hat + weight * spread_in_time(residual, total)
 
     return guided
+
+
+def known_kept(model: Callable[[Tensor, Tensor, int], Tensor], known: Tensor, known_mask: Tensor
+               ) -> Callable[[Tensor, Tensor, int], Tensor]:
+    """A sampler model whose prediction of the known frames is the known frames (the replacement method of Ho et
+    al. 2022, Video Diffusion Models, section 3.1): each step carries them into z, so the last step returns them and
+    the other frames are denoised against them. For a network that also takes them as input (trained with
+    known_frames), which predicts them only approximately (tiny base: first-frame PSNR about 24 dB at 8x8)."""
+    mask = known_mask[:, None, :, None, None]  # (B, 1, T, 1, 1)
+
+    def kept(z: Tensor, logsnr: Tensor, step: int) -> Tensor:
+        x_hat = model(z, logsnr, step)
+        return torch.where(mask, known.to(x_hat.dtype), x_hat)
+
+    return kept
 
 
 def reconstruction_guided(model: Callable[[Tensor, Tensor, int], Tensor], known: Tensor, known_mask: Tensor,
@@ -93,6 +122,60 @@ def reconstruction_guided(model: Callable[[Tensor, Tensor, int], Tensor], known:
         return torch.where(mask, known.to(x_tilde.dtype), x_tilde)
 
     return guided
+
+
+def _stage_model(stage: "StageSpec", cond: dict, batch: int, device) -> tuple[Callable, Callable[[], int]]:
+    """The sampler model of a stage for the conditioning `cond` (text, text_mask, fps, ...): classifier-free
+    guidance over the stage's weights per step (or the guidance-distilled student's one pass), dynamic thresholding;
+    with a function that counts its network evaluations per video."""
+    weights = guidance_weights(stage.steps, stage.guidance, stage.oscillate, stage.constant_steps)
+    percentile = stage.dynamic_threshold
+    if stage.guidance_distilled:  # one pass per step: the student takes w as input (Meng et al. 2023)
+        counter = [0]
+
+        def model(z: Tensor, logsnr: Tensor, step: int) -> Tensor:
+            counter[0] += 1
+            x_hat = stage.denoiser(z, logsnr, **cond, guidance=torch.full((batch,), weights[step], device=device))
+            return x_hat if percentile is None else dynamic_threshold(x_hat, percentile)
+
+        return model, lambda: counter[0]
+
+    def fn(z: Tensor, logsnr: Tensor, uncond: Tensor) -> Tensor:
+        reps = z.shape[0] // batch  # 2 when the conditional and unconditional passes share a batch
+        kw = {k: v.repeat(reps, *[1] * (v.ndim - 1)) for k, v in cond.items()}
+        kw["text_mask"] = kw["text_mask"] & ~uncond[:, None]  # dropped caption = every token masked
+        return stage.denoiser(z, logsnr, **kw)
+
+    guided = GuidedModel(fn, weights, thresholding=None if percentile is None else "dynamic",
+                         percentile=percentile or 99.5)
+    return guided, lambda: guided.nfe
+
+
+@torch.no_grad()
+def ddim_invert(model: Callable[[Tensor, Tensor, int], Tensor], x: Tensor, logsnrs: Tensor) -> Tensor:
+    """DDIM inversion (Song et al. 2021; as used for editing by Mokady et al. 2023): the z at logsnrs[0] from
+    which deterministic DDIM over `logsnrs` (noisiest first, a sampler grid) returns about x. Runs the grid
+    backwards: z_{i} -> z_{i-1} by the DDIM step with the prediction at z_i. The first step starts at the clean end,
+    where eps = (z - alpha x^) / sigma is undefined, so its prediction is taken at the next level from alpha x
+    (no noise). Model evaluations: len(logsnrs) - 1; each is called with the sampler's step index of its level."""
+    lams = [float(v) for v in logsnrs]
+    n = len(lams) - 1
+    z = x
+    for k in range(n):  # from level n - k (less noisy) to n - k - 1
+        here, there = lams[n - k], lams[n - k - 1]
+        if k == 0:
+            alpha = math.sqrt(_sigmoid(there))
+            z_in = alpha * x
+            x_hat = model(z_in, torch.full((x.shape[0],), there, dtype=x.dtype, device=x.device), n - 1)
+            z = alpha * x + (z_in - alpha * x_hat)  # alpha x + sigma eps^, eps^ = (z_in - alpha x^) / sigma
+        else:
+            x_hat = model(z, torch.full((x.shape[0],), here, dtype=x.dtype, device=x.device), n - k)
+            z = ddim_step(z, x_hat, here, there)
+    return z
+
+
+def _sigmoid(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-v))
 
 
 @dataclass
@@ -174,17 +257,22 @@ class CascadeSampler:
     def sample_stage(stage: StageSpec, text: Tensor, text_mask: Tensor, previous: Tensor | None,
                      generator: Generator = None, progress: bool = False, *, known: Tensor | None = None,
                      known_mask: Tensor | None = None, init: Tensor | None = None,
-                     strength: float = 1.0, consistency: float = 0.0) -> tuple[Tensor, int]:
+                     strength: float = 1.0, consistency: float = 0.0, keep_known: bool = True,
+                     invert_text: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, int]:
         """One stage: noise -> video (B, 3, T, H, W) in [-1, 1]; also returns network evaluations per video.
         Draws, in order: the input's augmentation noise, the known frames' augmentation noise, the initial noise,
         the sampler's noise.
 
         known (B, 3, T, H, W) in [-1, 1] with known_mask (B, T) bool: frames the video must have (the first frame for
         image-to-video, the last frames of the previous segment of a long video). A network trained with known
-        frames takes them as input; any other is steered by reconstruction guidance (`reconstruction_guided`).
+        frames takes them as input and, with keep_known (default), its prediction of them is replaced by them at
+        every step (`known_kept`), so the video has them exactly; any other network is steered by reconstruction
+        guidance (`reconstruction_guided`, which always replaces).
         init (B, 3, T, H, W) with strength S in [0, 1]: SDEdit (Meng et al. 2022). The sampler starts from init
         noised to the level of t = S and runs the part of its grid from t = S to 0 in about S * steps steps
-        (at least one); S = 0 returns init without a network evaluation, S = 1 ignores it.
+        (at least one); S = 0 returns init without a network evaluation, S = 1 ignores it. With invert_text
+        (text, text_mask) of the source video (an empty mask: unconditional), init is brought to t = S by DDIM
+        inversion under that text (`ddim_invert`) instead of random noise, which keeps its layout.
         consistency > 0 (a super-resolution stage): each step's prediction is corrected toward agreeing with the
         (clean) input at the input's size and frame rate, by that share of the residual (`input_consistency_guided`),
         e.g. to upscale a real video."""
@@ -201,40 +289,30 @@ class CascadeSampler:
             given = dict(known=known, known_mask=known_mask)
         cond = stage_inputs(dict(text=text, text_mask=text_mask, fps=stage.fps, **low, **given), stage.augmentation,
                             generator=generator)
-        weights = guidance_weights(stage.steps, stage.guidance, stage.oscillate, stage.constant_steps)
-        percentile = stage.dynamic_threshold
-        if stage.guidance_distilled:  # one pass per step: the student takes w as input (Meng et al. 2023)
-            counter = [0]
-
-            def model(z: Tensor, logsnr: Tensor, step: int) -> Tensor:
-                counter[0] += 1
-                x_hat = stage.denoiser(z, logsnr, **cond, guidance=torch.full((batch,), weights[step], device=device))
-                return x_hat if percentile is None else dynamic_threshold(x_hat, percentile)
-
-            nfe = lambda: counter[0]  # noqa: E731
-        else:
-            def fn(z: Tensor, logsnr: Tensor, uncond: Tensor) -> Tensor:
-                reps = z.shape[0] // batch  # 2 when the conditional and unconditional passes share a batch
-                kw = {k: v.repeat(reps, *[1] * (v.ndim - 1)) for k, v in cond.items()}
-                kw["text_mask"] = kw["text_mask"] & ~uncond[:, None]  # dropped caption = every token masked
-                return stage.denoiser(z, logsnr, **kw)
-
-            model = GuidedModel(fn, weights, thresholding=None if percentile is None else "dynamic",
-                                percentile=percentile or 99.5)
-            nfe = lambda guided=model: guided.nfe  # noqa: E731  (the GuidedModel, also once wrapped below)
+        model, nfe = _stage_model(stage, cond, batch, device)
         if known is not None and not stage.known_frames:
             model = reconstruction_guided(model, known, known_mask, stage.reconstruction_weight)
+        elif known is not None and keep_known:
+            model = known_kept(model, known, known_mask)
         if consistency:
             if previous is None:
                 raise ValueError(f"stage {stage.name}: input consistency needs the input video")
             model = input_consistency_guided(model, previous, consistency)
         z = randn((batch, 3, stage.frames, stage.height, stage.width), generator, device=device)
+        extra_nfe = 0
         logsnrs = time_grid(stage.steps, stage.schedule)
         if init is not None and strength < 1.0:
             logsnrs = edit_grid(stage.steps, stage.schedule, strength)
-            z = diffuse(init.to(z.dtype), logsnrs[0].to(z.dtype), z)  # init at the level of t = strength
-        extra = {"gamma": stage.gamma} if stage.sampler == "ancestral" else {}
-        if stage.sampler in ("ancestral", "stochastic"):
+            if invert_text is None:
+                z = diffuse(init.to(z.dtype), logsnrs[0].to(z.dtype), z)  # init at the level of t = strength
+            else:  # deterministic: DDIM run backwards from init with the inversion text
+                source = dict(cond, text=invert_text[0].to(device), text_mask=invert_text[1].to(device))
+                inverse, inverse_nfe = _stage_model(stage, source, batch, device)
+                z = ddim_invert(inverse, init.to(z.dtype), logsnrs)
+                extra_nfe = inverse_nfe()
+        kind = "ddim" if invert_text is not None else stage.sampler  # deterministic back along the inversion
+        extra = {"gamma": stage.gamma} if kind == "ancestral" else {}
+        if kind in ("ancestral", "stochastic"):
             extra["generator"] = generator
-        video = sample(stage.sampler, model, z, logsnrs, progress=progress and f"{stage.name} ({stage.sampler})", **extra)
-        return video.clamp(-1.0, 1.0), nfe()
+        video = sample(kind, model, z, logsnrs, progress=progress and f"{stage.name} ({kind})", **extra)
+        return video.clamp(-1.0, 1.0), nfe() + extra_nfe
