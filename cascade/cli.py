@@ -402,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consistency", type=float, default=1.0, help="share of the residual between each step's "
                    "prediction, seen at the stage's input size and fps, and that input that is corrected (default 1: "
                    "the video's own frames and colours are kept; 0: off)")
+    p.add_argument("--strength", type=float, default=None, help="noise level the sampler starts from, as in edit: "
+                   "below 1 each stage refines the classical interpolation (linear in time, bicubic in space) of its "
+                   "input; 1 samples from pure noise (default 0.02, the best measured on the tiny cascade)")
     p.set_defaults(func=_lazy("cascade.tools", "upscale_command"), up_to=None)
 
     add_data_parsers(sub)

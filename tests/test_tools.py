@@ -251,6 +251,37 @@ def test_upscale_constant_video_stays_constant_through_windows_and_padding(casca
     assert short.final.shape[2] == 2  # one input frame, padded to a clip and trimmed back
 
 
+def test_interpolate_video_is_linear_in_time_and_keeps_constants():
+    ramp = torch.linspace(-0.9, 0.3, 4).reshape(1, 1, 4, 1, 1).expand(1, 3, 4, 4, 4)
+    up = tools.interpolate_video(ramp, 8, 8, 8)
+    assert up.shape == (1, 3, 8, 8, 8)
+    expected = torch.tensor([-0.9, -0.7, -0.5, -0.3, -0.1, 0.1, 0.3, 0.3])  # the last one held
+    torch.testing.assert_close(up[0, 0, :, 3, 3], expected)
+    flat = torch.full((1, 3, 2, 4, 4), 0.25)
+    assert torch.allclose(tools.interpolate_video(flat, 4, 16, 16), torch.full((1, 3, 4, 16, 16), 0.25))
+
+
+@pytest.mark.parametrize("frames", [40, 3])  # windows, and one input frame padded to a clip
+def test_upscale_at_low_strength_refines_the_interpolated_input(cascade, monkeypatch, frames):
+    """A network that returns its input (z / alpha) leaves the start: the output is the classical interpolation of
+    the video to within the noise of t = strength, not the frame-repeated input."""
+    spec = Cascade.spec
+
+    def echo_spec(self, name, setting=None):
+        def echo(z, logsnr, **kw):
+            return z / torch.sigmoid(logsnr).sqrt().reshape(-1, 1, 1, 1, 1)
+        return dataclasses.replace(spec(self, name, setting), denoiser=echo)
+    monkeypatch.setattr(Cascade, "spec", echo_spec)
+    level = np.linspace(40, 200, frames).round().astype(np.uint8)  # brightness ramps over the video
+    video = np.broadcast_to(level[:, None, None, None], (frames, 12, 12, 3)).copy()
+    result = tools.upscale(cascade, video, 8.0, from_stage="tsr1", to_stage="tsr1", strength=0.01, consistency=0.0,
+                           progress=False)
+    expected = tools.interpolate_video(result.videos["base"], result.final.shape[2], 8, 8)
+    assert (result.final - expected).abs().max() < 0.1
+    if frames == 40:  # a ramp: the frames between two input frames are their mean, not a repeat
+        assert (result.final[:, :, 1] - result.videos["base"][:, :, 0]).abs().mean() > 0.02
+
+
 # --- errors ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
     (["upscale", "MISSING", "--from", "tsr1"], "no such video file"),
@@ -260,6 +291,7 @@ def test_upscale_constant_video_stays_constant_through_windows_and_padding(casca
     (["upscale", "VIDEO", "--from", "ssr2", "--to", "tsr1"], "comes before"),
     (["edit", "SHORT", "--prompt", "x"], "shorter than the base stage's clip"),
     (["edit", "VIDEO", "--prompt", "x", "--strength", "2"], "--strength 2"),
+    (["upscale", "VIDEO", "--from", "tsr1", "--strength", "-1"], "--strength -1"),
     (["sample", "--image", "MISSING", "--prompt", "x"], "no such image file"),
 ])
 def test_tool_errors_are_one_line(tmp_path, tiny_t5, capsys, argv, message):

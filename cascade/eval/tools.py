@@ -321,7 +321,9 @@ def _upscale(cascade, scenes, seed, progress, examples: Path) -> dict:
     fields = ("color", "shape", "direction", "background")
     probes_ok = all((model_probes[f] or 0) >= (baseline_probes[f] or 0) for f in fields)
     beats = final["model"] is not None and final["baseline"] is not None and final["model"] > final["baseline"]
-    return dict(videos=len(scenes), from_stage=stages[1].name, psnr_db=psnr_db, psnr_final_db=final["model"],
+    from cascade.tools import UPSCALE_STRENGTH
+
+    return dict(videos=len(scenes), from_stage=stages[1].name, strength=UPSCALE_STRENGTH, psnr_db=psnr_db, psnr_final_db=final["model"],
                 psnr_final_baseline_db=final["baseline"], probes=model_probes, baseline_probes=baseline_probes,
                 beats=bool(beats and probes_ok))
 
@@ -367,6 +369,10 @@ def checks(result: dict) -> list[dict]:
         r = result["upscale"]
         add("upscale", "psnr_final_db", r["psnr_final_db"], f"> baseline {r['psnr_final_baseline_db']:.2f}"
             if r["psnr_final_baseline_db"] is not None else "> baseline", r["beats"])
+        for stage, v in r["psnr_db"].items():  # per stage: the cascade so far against interpolating the clip
+            if v["model"] is not None and v["baseline"] is not None:
+                add("upscale", f"psnr_{stage}_db", v["model"], f"> baseline {v['baseline']:.2f}",
+                    v["model"] > v["baseline"])
     return rows
 
 
