@@ -384,7 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-prompt", metavar="Q", help="what the input video shows: the video is brought to the "
                    "--strength noise level by DDIM inversion under Q (keeps its layout and motion better than random "
                    "noise; '' inverts unconditionally); without it, SDEdit's random noise")
-    p.add_argument("--strength", type=float, default=0.3, help="how far from the video: 0 keeps it, 1 ignores it")
+    p.add_argument("--no-region", dest="region", action="store_false", help="with --source-prompt: let the edit "
+                   "change the whole video (default: only where the new prompt changes the prediction, DiffEdit's "
+                   "mask)")
+    p.add_argument("--strength", type=float, default=0.5, help="how far from the video: 0 keeps it, 1 ignores it")
     p.add_argument("--up-to", metavar="STAGE", help="stop after this stage (default: the last)")
     p.set_defaults(func=_lazy("cascade.tools", "edit_command"))
 

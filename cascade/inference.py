@@ -255,6 +255,18 @@ class Cascade:
                                            None if previous is None else previous.to(self.device), generator, progress,
                                            **extra)
 
+    def edit_region(self, name: str, text: Tensor, text_mask: Tensor, source_text: Tensor, source_mask: Tensor,
+                    video: Tensor, previous: Tensor | None, seed: int, indices: Sequence[int], **kw) -> Tensor:
+        """`CascadeSampler.edit_region` for this stage (its own random stream, apart from the sampler's):
+        (B, 1, T, H, W) 0/1, where the edit from the source caption to `text` changes `video`."""
+        from cascade.diffusion import VideoGenerators
+
+        number = [s.name for s in self.recipe.stages].index(name)
+        generator = VideoGenerators(seed, indices, stream=1000 + number, device=self.device)
+        move = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+        return CascadeSampler.edit_region(self.spec(name), text, text_mask, move(source_text), move(source_mask),
+                                          move(video), move(previous), generator, **kw)
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 4, up_to: str | None = None,
                  progress: bool = True, indices: Sequence[int] | None = None,

@@ -30,6 +30,7 @@ from torch import Tensor
 from cascade.errors import UserError
 from cascade.inference import Cascade, Generation
 
+REGION_DRAWS = 4  # noise draws of the edit region (DiffEdit's mask)
 UPSCALE_STRENGTH = 0.02
 """`upscale`'s default: refine the classical interpolation at a low noise level. Tiny cascade, 8 held-out clips from
 8x8 at 2 fps to 64x64 at 16 fps, final PSNR against the exact render: 22.80 dB at 0.01, 22.79 at 0.02, 22.72 at 0.05,
@@ -294,8 +295,9 @@ def check_edit(base, video: np.ndarray, fps: float, strength: float, what: str =
 
 
 @torch.no_grad()
-def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, strength: float = 0.3, seed: int = 0,
-         up_to: str | None = None, source_prompt: str | None = None, progress: bool = True) -> Generation:
+def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, strength: float = 0.5, seed: int = 0,
+         up_to: str | None = None, source_prompt: str | None = None, region: bool = True,
+         progress: bool = True) -> Generation:
     """SDEdit (Meng et al. 2022) through the cascade: `video` ((T, H, W, 3) uint8 at `fps`) is resampled to every
     stage (the stage's frames at its fps from the start, fitted to its size); the base is denoised from the input
     noised to the level t = `strength`, and every SR stage is conditioned on the edited lower stage and starts at
@@ -307,18 +309,21 @@ def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, streng
 
     `source_prompt` (what the input shows; "" for none): each stage brings its start to the strength's noise level by
     DDIM inversion under that caption (`cascade.sampling.cascade.ddim_invert`) and samples back with DDIM, instead
-    of adding random noise; the layout and motion are kept better (tiny cascade, 4 held-out videos, strength 0.3:
-    mean centroid distance 2.6 px at 64x64 against 3.3 px, every colour changed against 75 %). It costs the
-    inversion's network evaluations, as many again."""
+    of adding random noise; with `region` (default) the first stage also finds where the new caption changes the
+    video (DiffEdit's mask, `CascadeSampler.edit_region`) and every stage keeps the input outside it (the mask
+    carried up by interpolation). Tiny cascade, 8 held-out videos with the color word changed, strength 0.5: the
+    new color in 100 % of them with a mean centroid distance of 3.1 px at 64x64 (random noise: 9.9 px); 0.3:
+    87.5 % and 2.9 px. The inversion costs as many network evaluations again, the mask 8 more."""
     from cascade.nn.unet import upsample_condition
 
     names = _chain(cascade, up_to)
     check_edit(cascade.recipe.stage(names[0]), video, fps, strength)
     text, mask = cascade.encode([prompt])
-    invert = {}
+    invert, changed = {}, None
     if source_prompt is not None:  # DDIM inversion under the source's caption ("": unconditional)
         source_text, source_mask = cascade.encode([source_prompt])
-        invert = dict(invert_text=(source_text, source_mask & bool(source_prompt.strip())))
+        source_mask = source_mask & bool(source_prompt.strip())
+        invert = dict(invert_text=(source_text, source_mask))
     out, previous, stats, begin = Generation([prompt], videos={}), None, [], time.perf_counter()
     lower = None  # the input at the previous stage's size and fps
     for name in names:
@@ -330,8 +335,17 @@ def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, streng
             init = (source + shift).clamp(-1.0, 1.0)
         lower = source
         start = time.perf_counter()
+        where, nfe_region = {}, 0
+        if invert and region and strength > 0:  # DiffEdit: found at the first stage, carried up to the others
+            if changed is None:
+                changed = cascade.edit_region(name, text, mask, source_text, source_mask, source, None, seed, [0],
+                                              draws=REGION_DRAWS)
+                nfe_region = 2 * REGION_DRAWS
+            up = interpolate_video(changed.cpu(), stage.frames, stage.height, stage.width)
+            where = dict(edit_region=(up > 0.5).float())
         previous, nfe = cascade.sample_stage(name, text, mask, previous, seed, [0], None, progress, init=init,
-                                             strength=strength, **invert)
+                                             strength=strength, **invert, **where)
+        nfe += nfe_region
         previous = previous.cpu()
         out.videos[name] = previous
         stats.append(_stat(cascade, name, nfe, time.perf_counter() - start, stage.frames))
@@ -525,8 +539,9 @@ def edit_command(args) -> int:
 
         def run(cascade):
             return (edit(cascade, video, fps, args.prompt, strength=args.strength, seed=args.seed, up_to=args.up_to,
-                         source_prompt=args.source_prompt),
+                         source_prompt=args.source_prompt, region=args.region),
                     dict(strength=args.strength, source_prompt=args.source_prompt,
+                         region=args.region and args.source_prompt is not None,
                          **_video_settings(args.video, video, fps)))
         return names, run
 

@@ -217,6 +217,7 @@ def test_edit_with_a_source_prompt_inverts_and_samples_back_with_ddim(tmp_path, 
     assert code == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["tool_settings"]["source_prompt"] == "a blue circle" and len(inverted) == 2  # base and tsr1
+    assert report["tool_settings"]["region"] is True
     for grid, name in zip(inverted, ("base", "tsr1")):  # the inversion's evaluations count: as many again
         assert report["per_stage"][name]["nfe_per_video"] >= 2 * (len(grid) - 1)
 

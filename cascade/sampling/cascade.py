@@ -100,6 +100,19 @@ def known_kept(model: Callable[[Tensor, Tensor, int], Tensor], known: Tensor, kn
     return kept
 
 
+def region_kept(model: Callable[[Tensor, Tensor, int], Tensor], init: Tensor, region: Tensor
+                ) -> Callable[[Tensor, Tensor, int], Tensor]:
+    """A sampler model whose prediction outside `region` (B, 1, T, H, W) in [0, 1] is `init`: x~ = r x^ + (1 - r)
+    init, so an edit changes only the region (DiffEdit, Couairon et al. 2023, blends the inverted latents the same
+    way)."""
+    def kept(z: Tensor, logsnr: Tensor, step: int) -> Tensor:
+        x_hat = model(z, logsnr, step)
+        r = region.to(x_hat.dtype)
+        return r * x_hat + (1 - r) * init.to(x_hat.dtype)
+
+    return kept
+
+
 def reconstruction_guided(model: Callable[[Tensor, Tensor, int], Tensor], known: Tensor, known_mask: Tensor,
                           weight: float) -> Callable[[Tensor, Tensor, int], Tensor]:
     """A sampler model whose prediction agrees with the known frames, for a network that cannot take them as input.
@@ -254,11 +267,38 @@ class CascadeSampler:
         return result
 
     @staticmethod
+    @torch.no_grad()
+    def edit_region(stage: StageSpec, text: Tensor, text_mask: Tensor, source_text: Tensor, source_mask: Tensor,
+                    video: Tensor, previous: Tensor | None = None, generator: Generator = None, draws: int = 4,
+                    strength: float = 0.5, threshold: float = 0.5) -> Tensor:
+        """Where an edit from the source caption to the new one changes `video` (B, 3, T, H, W): DiffEdit's mask
+        (Couairon et al. 2023). The video is noised to t = `strength` `draws` times; the mean over draws and
+        channels of |x^(new caption) - x^(source caption)|, divided by each video's maximum, above `threshold`
+        -> (B, 1, T, H, W) float 0/1. One network evaluation per caption and draw, without guidance."""
+        batch, device = text.shape[0], text.device
+        low = {} if stage.kind == "base" else {"cond": previous}
+        target = stage_inputs(dict(text=text, text_mask=text_mask, fps=stage.fps, **low), stage.augmentation,
+                              generator=generator)
+        source = dict(target, text=source_text.to(device), text_mask=source_mask.to(device))
+        extra = {}
+        if stage.guidance_distilled:
+            extra["guidance"] = torch.full((batch,), float(stage.guidance), device=device)
+        logsnr = stage.schedule(torch.full((batch,), strength, dtype=torch.float64, device=device)).to(video.dtype)
+        total = torch.zeros_like(video[:, :1])
+        for _ in range(draws):
+            z = diffuse(video, logsnr, randn(video.shape, generator, dtype=video.dtype, device=device))
+            difference = stage.denoiser(z, logsnr, **target, **extra) - stage.denoiser(z, logsnr, **source, **extra)
+            total += difference.abs().mean(dim=1, keepdim=True)
+        peak = total.flatten(1).amax(dim=1).clamp_min(1e-12)
+        return (total / append_dims(peak, total.ndim) > threshold).to(video.dtype)
+
+    @staticmethod
     def sample_stage(stage: StageSpec, text: Tensor, text_mask: Tensor, previous: Tensor | None,
                      generator: Generator = None, progress: bool = False, *, known: Tensor | None = None,
                      known_mask: Tensor | None = None, init: Tensor | None = None,
                      strength: float = 1.0, consistency: float = 0.0, keep_known: bool = True,
-                     invert_text: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, int]:
+                     invert_text: tuple[Tensor, Tensor] | None = None, edit_region: Tensor | None = None
+                     ) -> tuple[Tensor, int]:
         """One stage: noise -> video (B, 3, T, H, W) in [-1, 1]; also returns network evaluations per video.
         Draws, in order: the input's augmentation noise, the known frames' augmentation noise, the initial noise,
         the sampler's noise.
@@ -272,7 +312,9 @@ class CascadeSampler:
         noised to the level of t = S and runs the part of its grid from t = S to 0 in about S * steps steps
         (at least one); S = 0 returns init without a network evaluation, S = 1 ignores it. With invert_text
         (text, text_mask) of the source video (an empty mask: unconditional), init is brought to t = S by DDIM
-        inversion under that text (`ddim_invert`) instead of random noise, which keeps its layout.
+        inversion under that text (`ddim_invert`) instead of random noise, which keeps its layout. edit_region
+        (B, 1, T, H, W) in [0, 1] with init: where the video may change (`CascadeSampler.edit_region`); elsewhere
+        each step's prediction is init (blended where the region is fractional), as DiffEdit does.
         consistency > 0 (a super-resolution stage): each step's prediction is corrected toward agreeing with the
         (clean) input at the input's size and frame rate, by that share of the residual (`input_consistency_guided`),
         e.g. to upscale a real video."""
@@ -294,6 +336,10 @@ class CascadeSampler:
             model = reconstruction_guided(model, known, known_mask, stage.reconstruction_weight)
         elif known is not None and keep_known:
             model = known_kept(model, known, known_mask)
+        if edit_region is not None:
+            if init is None:
+                raise ValueError(f"stage {stage.name}: an edit region needs the video to edit (init)")
+            model = region_kept(model, init, edit_region)
         if consistency:
             if previous is None:
                 raise ValueError(f"stage {stage.name}: input consistency needs the input video")

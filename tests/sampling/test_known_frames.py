@@ -269,3 +269,25 @@ def test_ddim_inversion_follows_the_gaussian_probability_flow():
         round_trip[steps] = ((back - x).abs().max() / x.abs().max()).item()
     assert errors[512] < 0.005 and errors[512] < errors[64] < errors[8], errors  # measured 0.0027, 0.019, 0.048
     assert round_trip[512] < 0.01 and round_trip[512] < round_trip[64] < round_trip[8], round_trip  # 0.0054
+
+
+def test_edit_region_is_where_the_caption_changes_the_prediction_and_only_it_changes():
+    """A denoiser whose prediction depends on the caption inside a box only: DiffEdit's mask is the box, and an
+    edit with it leaves every pixel outside the box at the input."""
+    box = torch.zeros(1, 1, 4, 8, 8)
+    box[..., 2:5, 3:7] = 1.0
+
+    def denoiser(z, logsnr, *, text, text_mask, fps, **kw):
+        return 0.5 * z + box * text.mean(dim=(1, 2)).reshape(-1, 1, 1, 1, 1)
+
+    spec = StageSpec(name="base", kind="base", frames=4, height=8, width=8, fps=4.0, denoiser=denoiser,
+                     schedule=CosineSchedule(), steps=8, dynamic_threshold=None)
+    new, old = torch.full((1, 2, 8), 0.5), torch.full((1, 2, 8), -0.5)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    video = torch.rand(1, 3, 4, 8, 8) * 2 - 1
+    region = CascadeSampler.edit_region(spec, new, mask, old, mask, video, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(region, box)
+    edited, _ = CascadeSampler.sample_stage(spec, new, mask, None, torch.Generator().manual_seed(0), init=video,
+                                            strength=0.5, invert_text=(old, mask), edit_region=region)
+    assert torch.equal(edited * (1 - box), video * (1 - box))
+    assert (edited - video).mul(box).abs().max() > 0.1
