@@ -181,11 +181,12 @@ def cmd_export(args) -> int:
     return 0
 
 
-def add_device_arguments(p, dtype: bool = True) -> None:
+def add_device_arguments(p, dtype: bool = True, dtype_default: str | None = "float32") -> None:
     p.add_argument("--device", help="where the networks run, e.g. cuda, cuda:1, cpu (default: cuda if available)")
     if dtype:
-        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                       help="the networks' precision (autocast; the sampler's state stays float32)")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=dtype_default,
+                       help="the networks' precision (autocast; the sampler's state stays float32) (default: "
+                       + (dtype_default or "the recipe's eval.dtype") + ")")
 
 
 def add_tool_arguments(p) -> None:
@@ -478,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="videos sampled together (default: eval.batch_size)")
     p.add_argument("--seed", type=int, default=0, help="seed of every video's random streams (video i: seed, i)")
     p.add_argument("--out", type=Path, help="output folder (default: runs/NAME/eval/CHECKPOINTS-NAME)")
-    add_device_arguments(p)
+    add_device_arguments(p, dtype_default=None)
     p.set_defaults(func=_lazy("cascade.eval.runner", "eval_command"))
 
     p = sub.add_parser("eval-tools", help="measure the video tools (image-to-video, stories, editing, upscaling) on "
@@ -489,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINTS/../tools)")
     p.add_argument("--videos", type=int, default=8, help="held-out videos per tool (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of every video's random streams")
-    add_device_arguments(p, dtype=False)
+    add_device_arguments(p, dtype_default=None)
     p.set_defaults(func=_lazy("cascade.eval.tools", "eval_tools_command"))
 
     p = sub.add_parser("demo", help="the built-in demo: validate the shipped recipes, then sample a video "

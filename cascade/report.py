@@ -75,7 +75,7 @@ def _tools_summary(tools: dict) -> dict:
                 passed=all(c["passed"] is not False for c in tools["checks"]))
 
 
-def write_report(recipe: Recipe, run: Path, samples: int = 4, device=None) -> Path:
+def write_report(recipe: Recipe, run: Path, samples: int = 4, device=None, dtype: str = "float32") -> Path:
     from cascade.inference import Cascade, write_samples
 
     last = recipe.stages[-1].name
@@ -144,7 +144,7 @@ def write_report(recipe: Recipe, run: Path, samples: int = 4, device=None) -> Pa
         outputs = {}
         for which in evals:
             out = run / "report" / which / "sample.gif"
-            cascade = Cascade.from_recipe(recipe, run / which, device=device)
+            cascade = Cascade.from_recipe(recipe, run / which, device=device, dtype=dtype)
             result = write_samples(cascade, captions, out, batch_size=len(captions))
             outputs[which] = [Path(o["video"]) for o in result["outputs"]]
         for i, caption in enumerate(captions):

@@ -626,7 +626,8 @@ def eval_command(args) -> int:
             metrics=_names(args.metrics), stages=_names(args.stages), modes=_names(args.modes),
             batch_size=args.batch_size, seed=args.seed)
         out = args.out or recipe.run_folder() / "eval" / args.checkpoints.name
-        report = evaluate(recipe, args.checkpoints, out, plan, device=args.device, dtype=args.dtype)
+        report = evaluate(recipe, args.checkpoints, out, plan, device=args.device,
+                          dtype=args.dtype or recipe.eval.dtype)
         from cascade import distributed
 
         distributed.destroy()  # every rank together, after evaluate's final barrier (not at interpreter exit)

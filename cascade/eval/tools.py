@@ -460,7 +460,7 @@ def plot(result: dict, out: Path) -> Path | None:
 
 
 def evaluate_tools(recipe, weights_folder, out_folder, *, videos: int = 8, seed: int = 0, device=None,
-                   progress: bool = True, stories: int | None = None, sweep_videos: int = SWEEP_VIDEOS,
+                   dtype="float32", progress: bool = True, stories: int | None = None, sweep_videos: int = SWEEP_VIDEOS,
                    strengths=EDIT_STRENGTHS) -> dict:
     """Measure the four tools of the cascade in `weights_folder` on `videos` held-out synthetic videos each
     (`stories`, default min(videos, 4): 3-segment stories starting from the object at the centre; the edit sweep
@@ -478,11 +478,11 @@ def evaluate_tools(recipe, weights_folder, out_folder, *, videos: int = 8, seed:
     examples = out / "examples"
     examples.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    cascade = Cascade.from_recipe(recipe, weights_folder, device=device)
+    cascade = Cascade.from_recipe(recipe, weights_folder, device=device, dtype=dtype)
     base = recipe.stages[0]
     scenes = heldout_scenes(videos, base.frames / base.fps, seed)
     seconds = dict(load=time.perf_counter() - start)
-    result = dict(recipe=recipe.name, weights=str(weights_folder), videos=videos, seed=seed)
+    result = dict(recipe=recipe.name, weights=str(weights_folder), videos=videos, seed=seed, dtype=str(dtype))
     parts = (("image_to_video", lambda: _image_to_video(cascade, scenes, seed, progress, examples)),
              ("story", lambda: _story(cascade, min(videos, len(STORY_DIRECTIONS)) if stories is None else stories,
                                       seed, progress, examples)),
@@ -534,7 +534,7 @@ def eval_tools_command(args) -> int:
         recipe = load_recipe(args.recipe, getattr(args, "overrides", []) or [])
         out = Path(args.out) if args.out else Path(args.checkpoints).resolve().parent / "tools"
         result = evaluate_tools(recipe, args.checkpoints, out, videos=args.videos, seed=args.seed,
-                                device=args.device)
+                                device=args.device, dtype=args.dtype or recipe.eval.dtype)
     except (UserError, ValueError, FileNotFoundError) as error:
         print(f"error: cascade eval-tools: {error}", file=sys.stderr)
         return 2

@@ -149,7 +149,7 @@ def _eval(recipe: Recipe, which: str) -> None:
 
     run = recipe.run_folder()
     out = run / "eval" / which
-    evaluate(recipe, run / which, out, EvalPlan.from_recipe(recipe))
+    evaluate(recipe, run / which, out, EvalPlan.from_recipe(recipe), dtype=recipe.eval.dtype)
 
 
 def run_node(recipe: Recipe, node: Node, part: int | None = None) -> None:
@@ -170,11 +170,12 @@ def run_node(recipe: Recipe, node: Node, part: int | None = None) -> None:
         from cascade.eval.tools import evaluate_tools
 
         run = recipe.run_folder()  # videos per tool: 8, fewer when the recipe's evaluation uses fewer
-        evaluate_tools(recipe, run / "distilled", run / "tools", videos=min(8, recipe.eval.num_videos))
+        evaluate_tools(recipe, run / "distilled", run / "tools", videos=min(8, recipe.eval.num_videos),
+                       dtype=recipe.eval.dtype)
     elif kind == "report":
         from cascade.report import write_report
 
-        write_report(recipe, recipe.run_folder())
+        write_report(recipe, recipe.run_folder(), dtype=recipe.eval.dtype)
     else:
         raise ValueError(f"no node named {node.name!r}")
 

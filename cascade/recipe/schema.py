@@ -426,6 +426,9 @@ class Eval(Strict):
     modes: list[Literal["gt", "cascade"]] = Field(default=["gt", "cascade"], min_length=1, max_length=8)
     """Inputs of the super-resolution stages: gt (the ground truth at the input stage's resolution: the stage
     alone) and/or cascade (the previous stages' samples: the cascade as used)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The networks' precision when `cascade run` evaluates (both evaluations, the video tools, the report's samples)
+    and the default of `cascade eval --dtype`: the forward pass under autocast, the sampler's state float32."""
 
 
 class Wandb(Strict):
