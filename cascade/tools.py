@@ -179,11 +179,13 @@ def _run_long(cascade: Cascade, name: str, text: Tensor, mask: Tensor, previous:
 @torch.no_grad()
 def image_to_video(cascade: Cascade, image: np.ndarray, prompts: Sequence[str], *, seed: int = 0,
                    batch_size: int = 4, up_to: str | None = None, reconstruction: float | None = None,
-                   progress: bool = True) -> Generation:
+                   keep_known: bool = True, progress: bool = True) -> Generation:
     """A video per prompt that starts with `image` ((H, W, 3) uint8, any size): at every stage the image, fitted to
     the stage's size, is the known first frame (known_mask = first_frames(B, T, 1)): the network's known-frame input
     where it was trained with one, else reconstruction guidance of weight `reconstruction` (default: the recipe's).
-    Prompt k is video k of the seed's random streams, as in `Cascade.generate`."""
+    With `keep_known` (default) a network that takes the image as input also has its prediction of the first frame
+    replaced by it at every step (the replacement method), so the video starts with exactly the image; False shows
+    what the network alone makes of it. Prompt k is video k of the seed's random streams, as in `Cascade.generate`."""
     from cascade.diffusion.inputs import first_frames
 
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
@@ -200,7 +202,7 @@ def image_to_video(cascade: Cascade, image: np.ndarray, prompts: Sequence[str], 
             known[:, :, :1] = _to_tensor(fit_frames(image[None], stage.width, stage.height))
             start = time.perf_counter()
             previous, nfe = cascade.sample_stage(name, text, mask, previous, seed, indices, _setting(reconstruction),
-                                                 progress, known=known,
+                                                 progress, known=known, keep_known=keep_known,
                                                  known_mask=first_frames(len(batch), stage.frames, 1))
             stats.append(_stat(cascade, name, nfe, time.perf_counter() - start, stage.frames))
             pieces[name].append(previous.cpu())
