@@ -37,7 +37,8 @@ UPSCALE_STRENGTH = 0.02
 21.21 at 1 (from noise); bicubic + linear 22.47. The SSR stages gain 0.3-0.5 dB on their input's interpolation;
 tsr1 (4 -> 8 frames at 8x8) loses 0.1-0.2 dB to linear interpolation."""
 
-__all__ = ["interpolate_video", "edit", "fit_frames", "image_to_video", "resample_video", "story", "upscale", "write_tool_report"]
+__all__ = ["edit", "fit_frames", "image_to_video", "interpolate_video", "resample_video", "story", "upscale",
+           "write_tool_report"]
 
 
 # --- fitting a user's frames to a stage ---------------------------------------------------------------------------

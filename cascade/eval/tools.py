@@ -9,9 +9,9 @@ synthetic videos, whose ground truth is exact (`cascade.data.synthetic.render`),
   the seams (the centroid's jump at a seam is no larger than the largest jump between consecutive frames inside a
   segment);
 - editing: the caption's color word changed, the video inverted under its own caption and edited inside DiffEdit's
-  mask (`edit(source_prompt=)`); the
-  share whose probed color becomes the new one, and the per-frame centroid distance to the input (px at 64x64); also
-  both against the strength, and SDEdit's random noise (no source caption) at the default strength beside it;
+  mask (`edit(source_prompt=)`); the share whose probed color becomes the new one, and the per-frame centroid
+  distance to the input (px at 64x64); also both against the strength, and SDEdit's random noise (no source
+  caption) at the default strength beside it;
 - upscaling: base-size ground-truth clips through every later stage against bicubic (space) + linear (time)
   interpolation; PSNR per stage against the ground truth, probes at the final stage.
 
@@ -288,8 +288,8 @@ def _edit(cascade, scenes, seed, progress, examples: Path, strengths=EDIT_STRENG
         group = [rows[i] if strength == EDIT_DEFAULT else one(i, scene, strength)[0]
                  for i, scene in enumerate(scenes[:sweep_videos])]
         sweep.append(summary(group, strength=strength, inversion=True))
-    random_noise = summary([one(i, scene, EDIT_DEFAULT, invert=False)[0] for i, scene in enumerate(scenes[:sweep_videos])],
-                           strength=EDIT_DEFAULT, inversion=False)
+    noised = [one(i, scene, EDIT_DEFAULT, invert=False)[0] for i, scene in enumerate(scenes[:sweep_videos])]
+    random_noise = summary(noised, strength=EDIT_DEFAULT, inversion=False)
     return dict(videos=len(rows), strength=EDIT_DEFAULT, inversion="source caption", region=True,
                 new_color=_share(r["new_color"] for r in rows), mean_px=_mean(r["mean_px"] for r in rows),
                 max_px=max(r["max_px"] for r in rows), within_2px=_share(r["max_px"] <= CENTROID_PX for r in rows),
@@ -330,7 +330,8 @@ def _upscale(cascade, scenes, seed, progress, examples: Path) -> dict:
     beats = final["model"] is not None and final["baseline"] is not None and final["model"] > final["baseline"]
     from cascade.tools import UPSCALE_STRENGTH
 
-    return dict(videos=len(scenes), from_stage=stages[1].name, strength=UPSCALE_STRENGTH, psnr_db=psnr_db, psnr_final_db=final["model"],
+    return dict(videos=len(scenes), from_stage=stages[1].name, strength=UPSCALE_STRENGTH, psnr_db=psnr_db,
+                psnr_final_db=final["model"],
                 psnr_final_baseline_db=final["baseline"], probes=model_probes, baseline_probes=baseline_probes,
                 beats=bool(beats and probes_ok))
 

@@ -224,8 +224,9 @@ def test_spread_in_time_puts_frames_back_and_interpolates_between():
 def test_trained_stage_keeps_the_known_frames_exactly_unless_told_not_to():
     from cascade.diffusion import Denoiser
 
-    spec = StageSpec(name="base", kind="base", frames=4, height=8, width=8, fps=4.0, denoiser=Denoiser(_unet(True), "v"),
-                     schedule=CosineSchedule(), steps=4, dynamic_threshold=None, known_frames=True)
+    spec = StageSpec(name="base", kind="base", frames=4, height=8, width=8, fps=4.0,
+                     denoiser=Denoiser(_unet(True), "v"), schedule=CosineSchedule(), steps=4, dynamic_threshold=None,
+                     known_frames=True)
     text, mask = torch.zeros(1, 1, 8), torch.zeros(1, 1, dtype=torch.bool)
     known = torch.rand(1, 3, 4, 8, 8) * 1.6 - 0.8
     run = lambda keep: CascadeSampler.sample_stage(  # noqa: E731
