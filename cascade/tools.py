@@ -486,9 +486,17 @@ def run_tool_command(args, tool: str, prepare) -> int:
     """A tool's command: check the device and --out, load the recipe, `prepare(recipe)` -> (stage names, run) checks
     and reads the user's inputs before any work, then the stages are loaded, `run(cascade)` -> (Generation, tool
     settings) samples, and the videos and report are written and summarised."""
+    from cascade.distributed import launched
     from cascade.inference import check_device, check_video_path
     from cascade.recipe import RecipeError, load_recipe
 
+    rank, world, _ = launched()
+    if world > 1:  # every rank would do the same work and write the same files
+        if rank == 0:
+            print(f"error: cascade {tool.replace('_', '-')}: runs in one process, but the launcher started {world} "
+                  f"(torchrun / srun tasks); launch it once (cascade sample --prompts and cascade eval split work "
+                  f"across ranks)", file=sys.stderr)
+        return 2
     check_device(args.device)  # before any work
     try:
         check_video_path(args.out)

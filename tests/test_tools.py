@@ -309,6 +309,18 @@ def test_tool_errors_are_one_line(tmp_path, tiny_t5, capsys, argv, message):
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
 
 
+def test_tools_refuse_to_run_once_per_rank(tmp_path, tiny_t5, capsys, monkeypatch):
+    """Under torchrun every rank would do the same work and write the same files: one line, exit 2, before work."""
+    _video(tmp_path / "video.mp4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["upscale", str(TINY), str(tmp_path / "video.mp4"), f"text_encoder.path={tiny_t5}", *FAST, "--from",
+                 "tsr1", "--out", str(tmp_path / "up.mp4")])
+    assert code == 2 and not (tmp_path / "up.mp4").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs in one process" in err[0] and "started 2" in err[0]
+
+
 def test_audio_is_dropped_with_a_warning(tmp_path, tiny_t5, capsys):
     path = tmp_path / "audio.mp4"
     with av.open(str(path), "w") as container:
