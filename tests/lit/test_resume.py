@@ -302,6 +302,7 @@ def test_resume_after_repeated_sigkill_is_exact(prepared, tmp_path, reference):
     _kill_and_resume(prepared, tmp_path, reference, "base", steps, every, kills)
 
 
+@pytest.mark.slow  # 32 s: the default suite measured 7:24-9:01 here, near its 10 minutes
 def test_kill_during_checkpoint_write_leaves_a_usable_checkpoint(prepared, tmp_path, reference):
     """A SIGKILL while checkpoint bytes are being written leaves only a `*.tmp`; the previous `last.ckpt` is intact,
     the rerun resumes from it and ends as the uninterrupted run."""
