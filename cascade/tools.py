@@ -79,6 +79,11 @@ def _check_video(video: np.ndarray, fps: float, what: str = "the video") -> None
         raise UserError(f"{what}: its frame rate is {fps:g} fps; the tools need a positive one")
 
 
+def _check_image(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise UserError(f"the image: expected (H, W, 3) uint8, got {image.shape} {image.dtype}")
+
+
 def interpolate_video(video: Tensor, frames: int, height: int, width: int) -> Tensor:
     """The classical upscaler on (B, C, T, h, w) in [-1, 1]: frames = r T by linear interpolation in time (input
     frame i at output frame r i, held past the last), then bicubic in space; clamped to [-1, 1]."""
@@ -156,9 +161,10 @@ def _run_long(cascade: Cascade, name: str, text: Tensor, mask: Tensor, previous:
     if total < stage.frames:  # shorter than a clip: pad the input with its last frame, trim the output
         pad = stage.frames // ratio - previous.shape[2]
         previous = torch.cat([previous, previous[:, :, -1:].expand(-1, -1, pad, -1, -1)], dim=2)
-        if strength < 1.0:
-            extra = dict(extra, strength=strength,
-                         init=interpolate_video(previous, stage.frames, stage.height, stage.width))
+    if strength < 1.0:  # SDEdit from the input's classical interpolation, at the length the sampler makes
+        frames = previous.shape[2] * ratio
+        extra = dict(extra, strength=strength, init=interpolate_video(previous, frames, stage.height, stage.width))
+    if total < stage.frames:
         video, nfe = cascade.sample_stage(name, text, mask, previous, seed, [0], spec=spec, progress=progress, **extra)
         video = video[:, :, :total]
     else:
@@ -170,8 +176,6 @@ def _run_long(cascade: Cascade, name: str, text: Tensor, mask: Tensor, previous:
             windowed.denoiser = _WindowText(denoiser, window_text(starts, total, stage.frames))
         windows = len(starts)
         spec = dataclasses.replace(spec, frames=total, denoiser=windowed)
-        if strength < 1.0:
-            extra = dict(extra, strength=strength, init=interpolate_video(previous, total, stage.height, stage.width))
         video, nfe = cascade.sample_stage(name, text, mask, previous, seed, [0], spec=spec, progress=progress, **extra)
     return video.cpu(), _stat(cascade, name, nfe, time.perf_counter() - start, total, windows)
 
@@ -189,8 +193,7 @@ def image_to_video(cascade: Cascade, image: np.ndarray, prompts: Sequence[str], 
     what the network alone makes of it. Prompt k is video k of the seed's random streams, as in `Cascade.generate`."""
     from cascade.diffusion.inputs import first_frames
 
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise UserError(f"the image: expected (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    _check_image(image)
     names, prompts = _chain(cascade, up_to), list(prompts)
     out, pieces = Generation(prompts, videos={}), {name: [] for name in names}
     for first in range(0, len(prompts), batch_size):
@@ -242,8 +245,8 @@ def story(cascade: Cascade, prompts: Sequence[str], *, context_frames: int = 1, 
     if not 1 <= context_frames < base.frames:
         raise UserError(f"--context-frames {context_frames}: must be at least 1 and less than the base's "
                         f"{base.frames} frames")
-    if image is not None and (image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8):
-        raise UserError(f"the image: expected (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    if image is not None:
+        _check_image(image)
     texts, masks = cascade.encode(prompts)
     setting, stats, begin = _setting(reconstruction), [], time.perf_counter()
     video, nfe_total, start = None, 0, time.perf_counter()
