@@ -389,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "change the whole video (default: only where the new prompt changes the prediction, DiffEdit's "
                    "mask)")
     p.add_argument("--strength", type=float, default=0.5, help="how far from the video: 0 keeps it, 1 ignores it")
+    p.add_argument("--structure", choices=("input", "edit"), default="input", help="whose edges and positions the "
+                   "result has: input (default) carries every stage's edit onto the input's structure as local "
+                   "colour maps (guided filter), exact positions, for appearance edits (color, light, texture); edit "
+                   "keeps what the sampler drew, for edits that change shape")
     p.add_argument("--up-to", metavar="STAGE", help="stop after this stage (default: the last)")
     p.set_defaults(func=_lazy("cascade.tools", "edit_command"))
 

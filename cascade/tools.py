@@ -300,30 +300,46 @@ def check_edit(base, video: np.ndarray, fps: float, strength: float, what: str =
                         f"{base.frames / base.fps:g} s)")
 
 
+STRUCTURES = ("input", "edit")  # edit(structure=): whose edges and positions the edited video has
+
+
 @torch.no_grad()
 def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, strength: float = 0.5, seed: int = 0,
          up_to: str | None = None, source_prompt: str | None = None, region: bool = True,
-         progress: bool = True) -> Generation:
+         structure: str = "input", progress: bool = True) -> Generation:
     """SDEdit (Meng et al. 2022) through the cascade: `video` ((T, H, W, 3) uint8 at `fps`) is resampled to every
     stage (the stage's frames at its fps from the start, fitted to its size); the base is denoised from the input
     noised to the level t = `strength`, and every SR stage is conditioned on the edited lower stage and starts at
-    the same strength from the input at its own resolution carried onto the edit: x_in + U(edited lower - x_in at
-    the lower stage), U the network's own upsampling of its input. Its detail (edges, positions) is the input's,
-    its colours the edit's; starting from the input itself brought the old colour back at every SR stage (tiny
-    cascade: the base turned red, ssr3 stayed blue). Strength 0 returns the resampled input, 1 ignores it. The input
-    must last at least the base's clip (frames / fps).
+    the same strength from the input at its own resolution carried onto the edit (below). Strength 0 returns the
+    resampled input; the input must last at least the base's clip (frames / fps).
+
+    `structure`: whose edges and positions the result has.
+    - "input" (default): after each stage the edit is carried onto the input at that stage as local affine colour
+      maps (the colour guided filter, `cascade.sampling.transfer`), and the next stage starts from the input with
+      those maps applied (upsampled). Appearance edits (color, light, texture on the input's edges) keep the input's
+      trajectory exactly; an edit that draws a new shape loses it. Strength 1 then takes all colours from a fresh
+      sample, on the input's structure.
+    - "edit": what the sampler drew; the next stage starts from x_in + U(edited lower - x_in at the lower stage), U
+      the network's upsampling of its input (its time is repeated frames, so a moving object's colour lags within
+      each group of frames). Strength 1 ignores the input.
 
     `source_prompt` (what the input shows; "" for none): each stage brings its start to the strength's noise level by
     DDIM inversion under that caption (`cascade.sampling.cascade.ddim_invert`) and samples back with DDIM, instead
     of adding random noise; with `region` (default) the first stage also finds where the new caption changes the
     video (DiffEdit's mask, `CascadeSampler.edit_region`) and every stage keeps the input outside it (the mask
-    carried up by interpolation). Tiny cascade, 8 held-out videos with the color word changed, strength 0.5: the
-    new color in 100 % of them with a mean centroid distance of 3.1 px at 64x64 (random noise: 9.9 px); 0.3:
-    87.5 % and 2.9 px. The inversion costs as many network evaluations again, the mask 8 more."""
+    carried up by interpolation). The inversion costs as many network evaluations again, the mask 8 more.
+
+    Tiny cascade (the demo's distilled stages), 8 held-out videos with the color word changed, inverted under their
+    caption, strength 0.5: the new color in all 8 either way; every frame's centroid within 2 px at 64x64 of the
+    input's in 8 of 8 with structure "input" (mean 0.05 px; 16 of 16 on 16 videos) and 0 of 8 with "edit" (mean
+    3.2 px)."""
     from cascade.nn.unet import upsample_condition
+    from cascade.sampling.transfer import apply_maps, fit_maps, transfer_radius, upsample_maps
 
     names = _chain(cascade, up_to)
     check_edit(cascade.recipe.stage(names[0]), video, fps, strength)
+    if structure not in STRUCTURES:  # the CLI offers only these
+        raise UserError(f"--structure {structure}: must be one of {', '.join(STRUCTURES)}")
     text, mask = cascade.encode([prompt])
     invert, changed = {}, None
     if source_prompt is not None:  # DDIM inversion under the source's caption ("": unconditional)
@@ -331,12 +347,14 @@ def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, streng
         source_mask = source_mask & bool(source_prompt.strip())
         invert = dict(invert_text=(source_text, source_mask))
     out, previous, stats, begin = Generation([prompt], videos={}), None, [], time.perf_counter()
-    lower = None  # the input at the previous stage's size and fps
+    lower, maps = None, None  # the input at the previous stage's size and fps; its colour maps to the edit
     for name in names:
         stage = cascade.recipe.stage(name)
         source = resample_video(video, fps, stage.frames, stage.width, stage.height, stage.fps)
         init = source
-        if previous is not None:  # the input's detail on the edited lower stage: x_in + U(edited - x_in at low res)
+        if maps is not None:  # the lower stage's colour maps applied to the input at this stage
+            init = apply_maps(upsample_maps(maps, stage.frames, stage.height, stage.width), source).clamp(-1.0, 1.0)
+        elif previous is not None:  # the input's detail on the edited lower stage: x_in + U(edited - x_in at low res)
             shift = upsample_condition(previous - lower, stage.frames, stage.height, stage.width)
             init = (source + shift).clamp(-1.0, 1.0)
         lower = source
@@ -353,6 +371,11 @@ def edit(cascade: Cascade, video: np.ndarray, fps: float, prompt: str, *, streng
                                              strength=strength, **invert, **where)
         nfe += nfe_region
         previous = previous.cpu()
+        if structure == "input" and strength > 0:  # the edit's colours on the input's structure
+            maps = fit_maps(source, previous, transfer_radius(stage.height, stage.width))
+            kept = apply_maps(maps, source).clamp(-1.0, 1.0)
+            inside = where["edit_region"].cpu() if where else 1.0
+            previous = inside * kept + (1 - inside) * previous
         out.videos[name] = previous
         stats.append(_stat(cascade, name, nfe, time.perf_counter() - start, stage.frames))
     out.batches.append(dict(prompts=[prompt], seconds=time.perf_counter() - begin, stages=stats))
@@ -553,8 +576,8 @@ def edit_command(args) -> int:
 
         def run(cascade):
             return (edit(cascade, video, fps, args.prompt, strength=args.strength, seed=args.seed, up_to=args.up_to,
-                         source_prompt=args.source_prompt, region=args.region),
-                    dict(strength=args.strength, source_prompt=args.source_prompt,
+                         source_prompt=args.source_prompt, region=args.region, structure=args.structure),
+                    dict(strength=args.strength, source_prompt=args.source_prompt, structure=args.structure,
                          region=args.region and args.source_prompt is not None,
                          **_video_settings(args.video, video, fps)))
         return names, run

@@ -222,6 +222,26 @@ def test_edit_with_a_source_prompt_inverts_and_samples_back_with_ddim(tmp_path, 
         assert report["per_stage"][name]["nfe_per_video"] >= 2 * (len(grid) - 1)
 
 
+def test_edit_keeps_the_input_structure_unless_told_otherwise(tmp_path, tiny_t5):
+    """A flat input has no edge: with --structure input (default) the edit has none either (in a flat window the
+    guided filter gives the edit's local mean: smooth colour changes only); with --structure edit the random
+    networks draw whatever they draw."""
+    source = tmp_path / "flat.mp4"
+    write_video(source, np.full((20, 24, 36, 3), (90, 140, 200), np.uint8), 8.0)
+    spreads = {}
+    for structure in ("input", "edit"):
+        out = tmp_path / f"{structure}.mp4"
+        code = main(["edit", str(TINY), str(source), f"text_encoder.path={tiny_t5}", *FAST, "--prompt",
+                     "a red circle", "--strength", "0.6", "--structure", structure, "--up-to", "ssr1",
+                     "--out", str(out)])
+        assert code == 0
+        assert json.loads(out.with_suffix(".json").read_text())["tool_settings"]["structure"] == structure
+        frames, _ = read_video(out)
+        frames = frames.astype(np.float64)  # mean step between neighbouring pixels, uint8 levels (codec included)
+        spreads[structure] = float(np.abs(np.diff(frames, axis=1)).mean() + np.abs(np.diff(frames, axis=2)).mean())
+    assert spreads["input"] < 4 and spreads["edit"] > 10 * spreads["input"], spreads  # measured 1.9 and 93
+
+
 # --- upscale ---------------------------------------------------------------------------------------------------
 def test_upscale_command_keeps_the_duration(tmp_path, tiny_t5):
     source = tmp_path / "in.mp4"

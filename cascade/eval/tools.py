@@ -9,9 +9,10 @@ synthetic videos, whose ground truth is exact (`cascade.data.synthetic.render`),
   the seams (the centroid's jump at a seam is no larger than the largest jump between consecutive frames inside a
   segment);
 - editing: the caption's color word changed, the video inverted under its own caption and edited inside DiffEdit's
-  mask (`edit(source_prompt=)`); the share whose probed color becomes the new one, and the per-frame centroid
-  distance to the input (px at 64x64); also both against the strength, and SDEdit's random noise (no source
-  caption) at the default strength beside it;
+  mask (`edit(source_prompt=)`), the edit carried onto the input's structure (`structure="input"`); the share whose
+  probed color becomes the new one, and the per-frame centroid distance to the input (px at 64x64); also both
+  against the strength, and beside them at the default strength SDEdit's random noise (no source caption) and the
+  sampler's own structure (`structure="edit"`, the network alone);
 - upscaling: base-size ground-truth clips through every later stage against bicubic (space) + linear (time)
   interpolation; PSNR per stage against the ground truth, probes at the final stage.
 
@@ -257,12 +258,12 @@ def _edit(cascade, scenes, seed, progress, examples: Path, strengths=EDIT_STRENG
     last = cascade.recipe.stages[-1]
     scale = 64.0 / last.width  # distances in px at 64x64
 
-    def one(i, scene, strength, invert=True):
+    def one(i, scene, strength, invert=True, structure="input"):
         video = render(scene, last.frames, last.width, last.height, last.fps)
         new = _other_color(scene.color, i)
         prompt = scene.caption.replace(f"a {scene.color} ", f"a {new} ", 1)
         out = _uint8(edit(cascade, video, last.fps, prompt, strength=strength, seed=seed + i, progress=progress,
-                          source_prompt=scene.caption if invert else None).final[0])
+                          source_prompt=scene.caption if invert else None, structure=structure).final[0])
         a, b = centroids(video), centroids(out)
         if len(b) != len(a):  # compare frames at the same times
             b = b[np.round(np.linspace(0, len(b) - 1, len(a))).astype(int)]
@@ -290,7 +291,10 @@ def _edit(cascade, scenes, seed, progress, examples: Path, strengths=EDIT_STRENG
         sweep.append(summary(group, strength=strength, inversion=True))
     noised = [one(i, scene, EDIT_DEFAULT, invert=False)[0] for i, scene in enumerate(scenes[:sweep_videos])]
     random_noise = summary(noised, strength=EDIT_DEFAULT, inversion=False)
-    return dict(videos=len(rows), strength=EDIT_DEFAULT, inversion="source caption", region=True,
+    drawn = [one(i, scene, EDIT_DEFAULT, structure="edit")[0] for i, scene in enumerate(scenes[:sweep_videos])]
+    structure_edit = summary(drawn, strength=EDIT_DEFAULT, inversion=True, structure="edit")
+    return dict(videos=len(rows), strength=EDIT_DEFAULT, inversion="source caption", region=True, structure="input",
+                structure_edit=structure_edit,
                 new_color=_share(r["new_color"] for r in rows), mean_px=_mean(r["mean_px"] for r in rows),
                 max_px=max(r["max_px"] for r in rows), within_2px=_share(r["max_px"] <= CENTROID_PX for r in rows),
                 sweep=sweep, random_noise=random_noise, rows=rows)
@@ -375,6 +379,9 @@ def checks(result: dict) -> list[dict]:
         add("edit", "new_color", r["new_color"])
         add("edit", "within_2px", r["within_2px"])
         add("edit", "mean_px", r["mean_px"])
+        if "structure_edit" in r:  # what the sampler drew, without the structure transfer: the network alone
+            add("edit", "structure_edit_within_2px", r["structure_edit"]["within_2px"])
+            add("edit", "structure_edit_mean_px", r["structure_edit"]["mean_px"])
     if "upscale" in result:
         r = result["upscale"]
         add("upscale", "psnr_final_db", r["psnr_final_db"], f"> baseline {r['psnr_final_baseline_db']:.2f}"
@@ -405,12 +412,13 @@ def markdown(result: dict) -> str:
                   for s, v in result["upscale"]["psnr_db"].items()]
         lines.append("")
     if "edit" in result:
-        lines += ["| edit strength | start | videos | new color | mean centroid distance (px at 64x64) | within 2 px |",
-                  "|---|---|---|---|---|---|"]
-        edits = result["edit"]["sweep"] + ([result["edit"]["random_noise"]] if "random_noise" in result["edit"] else [])
+        lines += ["| edit strength | start | structure | videos | new color | mean centroid distance (px at 64x64) "
+                  "| within 2 px |", "|---|---|---|---|---|---|---|"]
+        edits = result["edit"]["sweep"] + [result["edit"][k] for k in ("random_noise", "structure_edit")
+                                           if k in result["edit"]]
         lines += [f"| {r['strength']:g} | {'DDIM inversion, region' if r.get('inversion', True) else 'random noise'} | "
-                  f"{r['videos']} | {_fmt(r['new_color'], '')} | {_fmt(r['mean_px'], '_px')} | "
-                  f"{_fmt(r.get('within_2px'), '')} |" for r in edits]
+                  f"{r.get('structure', 'input')} | {r['videos']} | {_fmt(r['new_color'], '')} | "
+                  f"{_fmt(r['mean_px'], '_px')} | {_fmt(r.get('within_2px'), '')} |" for r in edits]
         lines.append("")
     return "\n".join(lines) + "\n"
 
