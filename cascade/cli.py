@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", help="comma-separated sampler steps, e.g. 8,16,64,256 (default: eval.steps)")
     p.add_argument("--guidance", help="comma-separated guidance weights (default: eval.guidance)")
     p.add_argument("--aug", help="comma-separated input noise-augmentation log-SNRs (default: eval.aug_logsnr)")
-    p.add_argument("--metrics", help="comma-separated: fvd, clipsim, probes (default: eval.metrics)")
+    p.add_argument("--metrics", help="comma-separated: fvd, clipsim, probes, quality (default: eval.metrics)")
     p.add_argument("--stages", help="comma-separated stages to evaluate (default: all)")
     p.add_argument("--modes", help="the super-resolution stages' inputs: gt (ground truth at the input stage's "
                    "size), cascade (the earlier stages' samples), or both (= gt,cascade); comma-separated "

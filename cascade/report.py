@@ -17,6 +17,12 @@ from cascade.recipe import Recipe
 __all__ = ["write_report", "final_scores", "report_captions"]
 
 FIELDS = ("color", "shape", "direction", "background")
+QUALITY = {  # cascade.eval.quality's measures: the column and what it means
+    "psnr_db": "psnr_db: PSNR against the ground truth clip, dB (higher is better)",
+    "ssim": "ssim: SSIM against it (higher is better, 1 at most)",
+    "background": "background: mean |pixel - the caption's background colour| over the ground truth's background, "
+                  "uint8 levels (lower is better; the ground truth's own is its codec's)",
+}
 
 
 def final_scores(report: dict, stage: str) -> dict | None:
@@ -95,11 +101,17 @@ def write_report(recipe: Recipe, run: Path, samples: int = 4, device=None, dtype
         # the probes that scored something (none on real data): no column of dashes only
         fields = [f for f in FIELDS if gt.get(f) is not None or any(
             (final_scores(r, last) or {}).get("probes", {}).get(f) is not None for r in evals.values())]
+        gt_quality = first["ground_truth"].get(last, {}).get("quality", {})
+        measures = [m for m in QUALITY if gt_quality.get(m) is not None or any(
+            (final_scores(r, last) or {}).get("quality", {}).get(m) is not None for r in evals.values())]
         lines += [f"Final stage `{last}` ({recipe.stages[-1].frames} frames, {recipe.stages[-1].width}x"
                   f"{recipe.stages[-1].height} at {recipe.stages[-1].fps:g} fps), {first['data']['videos']} videos "
-                  f"of {first['data']['what']}, every stage fed the previous stage's samples.", "",
+                  f"of {first['data']['what']}, every stage fed the previous stage's samples. Probes: share of "
+                  f"videos whose attribute read from the pixels is the caption's (higher is better)"
+                  + ("; " + "; ".join(QUALITY[m] for m in measures) if measures else "") + ".", "",
                   "| cascade | steps per stage | NFE per video | sampling s per video |"
-                  + "".join(f" probe {f} |" for f in fields), "|---|---|---|---|" + "---|" * len(fields)]
+                  + "".join(f" probe {f} |" for f in fields) + "".join(f" {m} |" for m in measures),
+                  "|---|---|---|---|" + "---|" * (len(fields) + len(measures))]
         for which, report in evals.items():
             rows = {r["stage"]: final_scores(report, r["stage"]) for r in report["rows"]}
             chain = [rows.get(s.name) for s in recipe.stages]
@@ -107,15 +119,17 @@ def write_report(recipe: Recipe, run: Path, samples: int = 4, device=None, dtype
                 continue
             nfe = sum(r["nfe_per_video"] for r in chain)
             seconds = sum(r["seconds"] for r in chain) / report["data"]["videos"]
-            probes = chain[-1].get("probes", {})
+            probes, quality = chain[-1].get("probes", {}), chain[-1].get("quality", {})
             summary[which] = dict(probes=probes, nfe_per_video=nfe, seconds_per_video=seconds,
                                   steps={r["stage"]: r["steps"] for r in chain},
-                                  fvd=chain[-1].get("fvd"))
+                                  fvd=chain[-1].get("fvd"), quality=quality)
             steps = ", ".join(str(r["steps"]) for r in chain)
             lines.append(f"| {which} | {steps} | {nfe} | {seconds:.2f} |"
-                         + "".join(f" {_fmt(probes.get(f), True)} |" for f in fields))
-        if gt and fields:
-            lines.append("| ground truth | – | – | – |" + "".join(f" {_fmt(gt.get(f), True)} |" for f in fields))
+                         + "".join(f" {_fmt(probes.get(f), True)} |" for f in fields)
+                         + "".join(f" {_fmt(quality.get(m))} |" for m in measures))
+        if (gt and fields) or gt_quality:
+            lines.append("| ground truth | – | – | – |" + "".join(f" {_fmt(gt.get(f), True)} |" for f in fields)
+                         + "".join(f" {_fmt(gt_quality.get(m))} |" for m in measures))
         if "teachers" in summary and "distilled" in summary:
             t, d = summary["teachers"]["probes"], summary["distilled"]["probes"]
             kept = {f: d[f] / t[f] for f in FIELDS if t.get(f) and d.get(f) is not None}

@@ -457,16 +457,18 @@ def plot(result: dict, out: Path) -> Path | None:
             twin.axhline(CENTROID_PX, color="C1", linestyle=":", linewidth=1)
             twin.set_ylabel("mean centroid distance (px at 64x64)", color="C1")
             ax.set_xlabel(f"strength (DDIM inversion under the source caption, DiffEdit region; "
-                          f"{sweep[0]['videos']} videos)")
-            ax.set_title("editing: color change against trajectory kept")
+                          f"{sweep[0]['videos']} videos)", fontsize=8)
+            ax.set_title("editing: new color (higher is better) against\ncentroid distance (lower is better)",
+                         fontsize=9)
         else:
             names = list(result["upscale"]["psnr_db"])
             values = result["upscale"]["psnr_db"]
             ax.plot(names, [values[n]["model"] for n in names], marker="o", label="cascade upscale")
             ax.plot(names, [values[n]["baseline"] for n in names], marker="s", linestyle="--",
                     label="bicubic + linear")
-            ax.set_ylabel("PSNR vs ground truth (dB)")
-            ax.set_title("upscaling from base-size clips")
+            ax.set_ylabel("PSNR vs ground truth (dB, higher is better)")
+            ax.set_title(f"upscaling from base-size clips (mean of {result['videos']} videos)", fontsize=9)
+            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()

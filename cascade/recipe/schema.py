@@ -412,7 +412,7 @@ class Eval(Strict):
     steps: list[SamplingSteps] = Field(default=[8, 16, 64, 256], max_length=64)
     guidance: list[GuidanceWeight] = Field(default=[0.0, 2.0, 6.0], max_length=64)
     aug_logsnr: list[LogSNR] = Field(default=[1.1, 1.6], max_length=64)
-    metrics: list[Literal["fvd", "clipsim", "probes"]] = Field(default=["fvd", "clipsim"], max_length=8)
+    metrics: list[Literal["fvd", "clipsim", "probes", "quality"]] = Field(default=["fvd", "clipsim"], max_length=8)
     clip_path: PathText | None = None
     """Local CLIP folder for CLIPSIM."""
     frames: Width = 16

@@ -156,7 +156,7 @@ def random_cascade(tmp_path_factory, tiny_t5):
 def test_cascade_eval_writes_json_table_and_plots(random_cascade, tiny_t5, tmp_path):
     out = tmp_path / "eval"
     args = ["eval", str(TINY), "--checkpoints", str(random_cascade / "weights"), "--num-videos", "2",
-            "--steps", "2,4", "--guidance", "0,2", "--aug", "3", "--batch-size", "2", "--metrics", "probes",
+            "--steps", "2,4", "--guidance", "0,2", "--aug", "3", "--batch-size", "2", "--metrics", "probes,quality",
             "--modes", "both",
             "--stages", "base,tsr1,ssr1", "--out", str(out), f"text_encoder.path={tiny_t5}",
             f"data.root={tmp_path / 'data'}"] + [f"stages.{s}.sampler.steps=4" for s in ("base", "tsr1", "ssr1")]
@@ -172,10 +172,14 @@ def test_cascade_eval_writes_json_table_and_plots(random_cascade, tiny_t5, tmp_p
     for r in rows:  # NFE per video: one pass per step, two with classifier-free guidance (w = 0: conditional only)
         assert r["nfe_per_video"] == r["steps"] * (1 if r["guidance"] == 0.0 else 2)
         assert set(r["probes"]) == {"color", "shape", "direction", "background"}
+        assert 0 < r["quality"]["psnr_db"] < 100 and -1 <= r["quality"]["ssim"] < 1  # random networks
+        assert r["quality"]["background"] > 0
     # Ground truth is scored too (the probes' ceiling): at 16x16 the renders are read exactly.
     assert report["ground_truth"]["ssr1"]["probes"]["color"] == 1.0
+    assert report["ground_truth"]["ssr1"]["quality"]["psnr_db"] is None  # not against itself
+    assert report["ground_truth"]["ssr1"]["quality"]["background"] < 1.0  # its codec's deviation only
     table = (out / "eval.md").read_text()
-    assert "| ssr1 | cascade |" in table and "probe color" in table
+    assert "| ssr1 | cascade |" in table and "probe color" in table and "PSNR dB" in table
     for axis in ("steps", "guidance", "aug"):
         png = out / f"{axis}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in report["plots"]
