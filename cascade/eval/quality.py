@@ -8,8 +8,8 @@ sigma 1.5, 11 pixels or the largest odd size that fits a smaller frame), per fra
 
 The background deviation reads the caption's background (`cascade.eval.probes.parse_caption`): the mean absolute
 difference, in uint8 levels over the three channels, between the video and the background's palette colour, over the
-pixels that the ground truth shows as pure background even after growing its object by one pixel (the anti-aliased
-edge and a slightly displaced object do not count). A colour cast such as the demo's green tint shows up here and
+pixels that the ground truth shows as background (within `PURE_LEVELS`: its codec's noise) even after growing its
+object by one pixel (the anti-aliased edge and a slightly displaced object do not count). A colour cast such as the demo's green tint shows up here and
 not in the background probe, which only names the nearer of black and gray.
 """
 
@@ -26,6 +26,7 @@ from cascade.data.synthetic import BACKGROUNDS
 __all__ = ["background_deviation", "psnr_db", "quality_scores", "ssim"]
 
 MAX_KERNEL = 11  # SSIM's Gaussian window (Wang et al. 2004)
+PURE_LEVELS = 8.0  # a ground-truth pixel within this of the background colour is background (its codec's noise)
 
 
 def psnr_db(video: np.ndarray, truth: np.ndarray) -> float:
@@ -59,11 +60,11 @@ def _grow(mask: np.ndarray) -> np.ndarray:
 
 
 def background_deviation(video: np.ndarray, truth: np.ndarray, background: str) -> float | None:
-    """Mean |video - background colour| (uint8 levels) over the pixels that `truth` shows as background with its
-    object grown by a pixel; None when there is no such pixel."""
+    """Mean |video - background colour| (uint8 levels) over the pixels that `truth` shows as background (within
+    `PURE_LEVELS`) with its object grown by a pixel; None when there is no such pixel."""
     colour = np.array(BACKGROUNDS[background], dtype=np.float64)
     truth = np.asarray(truth, dtype=np.float64)
-    pure = ~_grow(np.abs(truth - colour).max(axis=-1) > 0.5)  # (T, H, W)
+    pure = ~_grow(np.abs(truth - colour).max(axis=-1) > PURE_LEVELS)  # (T, H, W)
     if not pure.any():
         return None
     return float(np.abs(np.asarray(video, dtype=np.float64) - colour)[pure].mean())
