@@ -40,8 +40,12 @@ def _videos(x: Tensor, batch: int) -> Tensor:
 
 
 def _box(x: Tensor, radius: int) -> Tensor:
-    """Mean over the (2r + 1)^2 window at each pixel of (N, C, H, W), over the pixels inside the frame."""
-    return F.avg_pool2d(x, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+    """Mean over the (2r + 1)^2 window at each pixel of (N, C, H, W), over the pixels inside the frame: a column
+    pass, then a row pass (the window and its count of inside pixels both factor; 2 (2r + 1) additions a pixel
+    instead of (2r + 1)^2)."""
+    size = 2 * radius + 1
+    x = F.avg_pool2d(x, (size, 1), stride=1, padding=(radius, 0), count_include_pad=False)
+    return F.avg_pool2d(x, (1, size), stride=1, padding=(0, radius), count_include_pad=False)
 
 
 def fit_maps(guide: Tensor, target: Tensor, radius: int, eps: float = EPS) -> Tensor:

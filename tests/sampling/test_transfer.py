@@ -61,6 +61,15 @@ def test_maps_upsample_to_the_finer_stage_and_apply_there():
     assert (out[0, :, :, :4, :4] - (-0.2)).abs().max() < 0.1
 
 
+def test_the_box_filter_is_the_window_mean_inside_the_frame():
+    from cascade.sampling.transfer import _box
+
+    x = torch.rand(2, 3, 9, 7, dtype=torch.float64)
+    out = _box(x, 2)
+    for r, c in ((0, 0), (4, 3), (8, 6), (1, 5)):  # corners, middle, edges: the mean of the window's inside pixels
+        assert torch.allclose(out[..., r, c], x[..., max(r - 2, 0):r + 3, max(c - 2, 0):c + 3].mean(dim=(-2, -1)))
+
+
 def test_fit_maps_refuses_videos_of_two_shapes():
     with pytest.raises(ValueError, match="one shape"):
         fit_maps(torch.zeros(1, 3, 2, 8, 8), torch.zeros(1, 3, 2, 8, 4), 1)
