@@ -2,7 +2,8 @@
 Filtering", TPAMI 2013, §3.5) and its coefficients brought to a finer stage (Chen et al., "Bilateral Guided
 Upsampling", 2016: fit locally affine maps at low resolution, upsample the maps, apply them at high resolution).
 
-In every window of (2r + 1)^2 pixels of a frame the edited video is modelled as an affine map of the input's colours,
+In every window of (2r + 1)^2 pixels and a few frames the edited video is modelled as an affine map of the input's
+colours,
 q = A^T I + b (A 3x3, b 3): least squares with the ridge `eps` on A (eq. 14 of the paper). Each pixel then takes the
 mean of the maps of the windows covering it and applies it to its own input colour. Where the edit only changes
 colours (a red object turned blue, a tint, a lighting change), the map is exact and the output has the input's edges
@@ -48,17 +49,32 @@ def _box(x: Tensor, radius: int) -> Tensor:
     return F.avg_pool2d(x, (1, size), stride=1, padding=(0, radius), count_include_pad=False)
 
 
-def fit_maps(guide: Tensor, target: Tensor, radius: int, eps: float = EPS) -> Tensor:
+def _box_time(x: Tensor, batch: int, radius: int) -> Tensor:
+    """Mean over the 2r + 1 frames around each frame of (B T, C, H, W), over the frames inside the clip."""
+    if radius == 0:
+        return x
+    shape = x.shape
+    flat = x.unflatten(0, (batch, -1)).transpose(1, 2).flatten(3)  # (B, C, T, H W)
+    flat = F.avg_pool2d(flat, (2 * radius + 1, 1), stride=1, padding=(radius, 0), count_include_pad=False)
+    return flat.unflatten(3, shape[-2:]).transpose(1, 2).flatten(0, 1)
+
+
+def fit_maps(guide: Tensor, target: Tensor, radius: int, eps: float = EPS, time_radius: int | None = None
+             ) -> Tensor:
     """The per-pixel mean affine colour maps from `guide` to `target`, both (B, 3, T, H, W): (B, 12, T, H, W),
-    channels 3 i + j = A[i, j] (input channel i to output channel j), then 9 + j = b[j]."""
+    channels 3 i + j = A[i, j] (input channel i to output channel j), then 9 + j = b[j]. Each map is fitted over a
+    window of (2 radius + 1)^2 pixels and 2 time_radius + 1 frames (default: a quarter of the clip on each side), so
+    one frame where the edit went astray (an object the sampler drew dim) takes its neighbours' colours."""
     if guide.shape != target.shape or guide.shape[1] != 3:
         raise ValueError(f"fit_maps needs two (B, 3, T, H, W) videos of one shape, got {tuple(guide.shape)} "
                          f"and {tuple(target.shape)}")
-    batch = guide.shape[0]
+    batch, frames = guide.shape[0], guide.shape[2]
+    span = max(1, frames // 4) if time_radius is None else time_radius
+    window = lambda x: _box_time(_box(x, radius), batch, span)  # noqa: E731
     i, p = _frames(guide.double()), _frames(target.double())  # (N, 3, H, W)
-    mean_i, mean_p = _box(i, radius), _box(p, radius)
+    mean_i, mean_p = window(i), window(p)
     products = torch.cat([i[:, a:a + 1] * torch.cat([i, p], dim=1) for a in range(3)], dim=1)  # (N, 18, H, W)
-    moments = _box(products, radius).unflatten(1, (3, 6))  # E[I_a I_c], E[I_a p_j] per window
+    moments = window(products).unflatten(1, (3, 6))  # E[I_a I_c], E[I_a p_j] per window
     var = moments[:, :, :3] - mean_i[:, :, None] * mean_i[:, None]  # (N, 3, 3, H, W): cov(I_a, I_c)
     cov = moments[:, :, 3:] - mean_i[:, :, None] * mean_p[:, None]  # (N, 3, 3, H, W): cov(I_a, p_j)
     ridge = eps * torch.eye(3, dtype=var.dtype, device=var.device)
@@ -87,8 +103,10 @@ def upsample_maps(maps: Tensor, frames: int, height: int, width: int) -> Tensor:
     return x
 
 
-def guided_transfer(guide: Tensor, target: Tensor, radius: int | None = None, eps: float = EPS) -> Tensor:
+def guided_transfer(guide: Tensor, target: Tensor, radius: int | None = None, eps: float = EPS,
+                    time_radius: int | None = None) -> Tensor:
     """`target`'s colours on `guide`'s structure, both (B, 3, T, H, W) in [-1, 1]: the colour guided filter of
-    `target` with guide `guide` (radius: `transfer_radius` of the frame), clamped to [-1, 1]."""
+    `target` with guide `guide` (radius: `transfer_radius` of the frame; time_radius: `fit_maps`'), clamped to
+    [-1, 1]."""
     radius = transfer_radius(*guide.shape[-2:]) if radius is None else radius
-    return apply_maps(fit_maps(guide, target, radius, eps), guide).clamp(-1.0, 1.0)
+    return apply_maps(fit_maps(guide, target, radius, eps, time_radius), guide).clamp(-1.0, 1.0)

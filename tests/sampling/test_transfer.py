@@ -61,6 +61,18 @@ def test_maps_upsample_to_the_finer_stage_and_apply_there():
     assert (out[0, :, :, :4, :4] - (-0.2)).abs().max() < 0.1
 
 
+def test_one_astray_frame_takes_its_neighbours_colours():
+    """The maps are fitted over frames too: an edit that drew the object dim in one frame of eight still recolours
+    the input's object there (per frame, time_radius 0, it would go dim)."""
+    red, blue = (0.9, -0.8, -0.8), (-0.8, -0.8, 0.9)
+    guide = _square(red, 10, 10).repeat(1, 1, 4, 1, 1)  # 8 frames
+    target = _square(blue, 10, 10).repeat(1, 1, 4, 1, 1)
+    target[:, :, 4, 10:18, 10:18] = -0.2 + 0.1  # frame 4: the object almost background
+    colour = lambda v: v[0, :, 4, 12:16, 12:16].mean(dim=(-2, -1))  # noqa: E731
+    assert (colour(guided_transfer(guide, target)) - torch.tensor(blue)).abs().max() < 0.3
+    assert (colour(guided_transfer(guide, target, time_radius=0)) - torch.tensor(blue)).abs().max() > 0.8
+
+
 def test_the_box_filter_is_the_window_mean_inside_the_frame():
     from cascade.sampling.transfer import _box
 
