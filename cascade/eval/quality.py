@@ -31,7 +31,8 @@ PURE_LEVELS = 8.0  # a ground-truth pixel within this of the background colour i
 
 
 def psnr_db(video: np.ndarray, truth: np.ndarray) -> float:
-    """PSNR (dB, peak 255) of one uint8 video against its ground truth of the same shape; inf when equal."""
+    """PSNR (dB, peak 255) of one uint8 video (or frame) against its ground truth of the same shape; inf when
+    equal."""
     a, b = np.asarray(video, dtype=np.float64), np.asarray(truth, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"psnr_db needs videos of one shape, got {a.shape} and {b.shape}")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from cascade.data.synthetic import BACKGROUNDS, COLORS, HELD_OUT, Scene, render, sample_scene
+from cascade.eval.quality import psnr_db as psnr
 
 __all__ = ["psnr", "centroids", "seam_jumps", "baseline_upscale", "evaluate_tools", "markdown",
            "eval_tools_command", "STORY_DIRECTIONS", "TARGETS"]
@@ -60,15 +61,6 @@ TARGETS = {
 # --------------------------------------------------------------------------------------------------------------
 # Metric helpers: pure NumPy / PyTorch on uint8 videos
 # --------------------------------------------------------------------------------------------------------------
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR (dB) of two uint8 arrays of one shape, peak 255; inf when they are equal."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"psnr needs arrays of one shape, got {a.shape} and {b.shape}")
-    mse = float(((a - b) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
-
-
 def _box3(x: np.ndarray) -> np.ndarray:
     """3x3 box filter over axes 1, 2 of (T, H, W, C), edges replicated."""
     p = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="edge")
