@@ -140,7 +140,9 @@ def write_report(recipe: Recipe, run: Path, samples: int = 4, device=None, dtype
         if any(s.get("fvd") is not None for s in summary.values() if isinstance(s, dict) and "probes" in s):
             lines += ["", "FVD of the final stage: " + ", ".join(
                 f"{w} {_fmt(s['fvd'])}" for w, s in summary.items() if isinstance(s, dict) and s.get("fvd") is not None)
-                + " (few videos: a coarse figure)."]
+                + f" (I3D, {recipe.eval.frames} frames; {next(iter(evals.values()))['data']['videos']} videos "
+                "against as many held-out ground-truth clips: with so few videos a coarse figure, for comparing "
+                "runs of this recipe)."]
         lines.append("")
         for which in evals:
             lines.append(f"Every stage and setting: [eval/{which}/eval.md](eval/{which}/eval.md).")

@@ -66,10 +66,12 @@ def test_shortened_demo_runs_the_whole_graph(tmp_path):
                                            for s in recipe.stages)
     assert distilled["nfe_per_video"] == 7 * 4
     assert set(report["distilled_keeps"]) <= {"color", "shape", "direction", "background"}
+    assert teacher["fvd"] > 0 and distilled["fvd"] > 0  # tiny.yaml asks for the final stage's FVD (I3D weights)
     assert len(report["samples"]["teachers"]) == 4 and all(Path(p).stat().st_size > 0
                                                            for p in report["samples"]["distilled"])
     text = (run / "report.md").read_text()
     assert "| teachers |" in text and "| distilled |" in text and "Wall time per node" in text
+    assert "FVD of the final stage: teachers " in text
     assert "## Video tools" in text and set(report["tools"]["examples"]) == {"image_to_video", "story", "edit",
                                                                             "upscale"}
 

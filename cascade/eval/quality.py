@@ -9,9 +9,12 @@ sigma 1.5, 11 pixels or the largest odd size that fits a smaller frame), per fra
 
 The background deviation reads the caption's background (`cascade.eval.probes.parse_caption`): the mean absolute
 difference, in uint8 levels over the three channels, between the video and the background's palette colour, over the
-pixels that the ground truth shows as background (within `PURE_LEVELS`: its codec's noise) even after growing its
-object by one pixel (the anti-aliased edge and a slightly displaced object do not count). A colour cast such as the demo's green tint shows up here and
-not in the background probe, which only names the nearer of black and gray.
+pixels that are background in both videos, each object grown by one pixel (the anti-aliased edge does not count):
+the ground truth's background is within `PURE_LEVELS` of the colour (its codec's noise), the video's within
+`OBJECT_LEVELS` (half the distance from either background to the nearest object colour). Both are needed: in
+``cascade`` mode the sampled object is elsewhere than the ground truth's (the base draws its own start), and its
+pixels there are the object, not a cast of the background. A colour cast such as the demo's green tint shows up here
+and not in the background probe, which only names the nearer of black and gray.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import torch
 
 from cascade.data.synthetic import BACKGROUNDS
 
-__all__ = ["background_deviation", "psnr_db", "quality_scores", "ssim"]
+__all__ = ["OBJECT_LEVELS", "PURE_LEVELS", "background_deviation", "psnr_db", "quality_scores", "ssim"]
 
 MAX_KERNEL = 11  # SSIM's Gaussian window (Wang et al. 2004)
 PURE_LEVELS = 8.0  # a ground-truth pixel within this of the background colour is background (its codec's noise)
+OBJECT_LEVELS = 64.0  # a sampled pixel further than this from it is the object: every object colour is >= 127 away
 
 
 def psnr_db(video: np.ndarray, truth: np.ndarray) -> float:
@@ -62,14 +66,17 @@ def _grow(mask: np.ndarray) -> np.ndarray:
 
 
 def background_deviation(video: np.ndarray, truth: np.ndarray, background: str) -> float | None:
-    """Mean |video - background colour| (uint8 levels) over the pixels that `truth` shows as background (within
-    `PURE_LEVELS`) with its object grown by a pixel; None when there is no such pixel."""
+    """Mean |video - background colour| (uint8 levels) over the pixels that are background in `truth` (within
+    `PURE_LEVELS`) and in `video` (within `OBJECT_LEVELS`), each object grown by a pixel; None when there is no such
+    pixel."""
     colour = np.array(BACKGROUNDS[background], dtype=np.float64)
     truth = np.asarray(truth, dtype=np.float64)
+    deviation = np.abs(np.asarray(video, dtype=np.float64) - colour)
     pure = ~_grow(np.abs(truth - colour).max(axis=-1) > PURE_LEVELS)  # (T, H, W)
+    pure &= ~_grow(deviation.max(axis=-1) > OBJECT_LEVELS)
     if not pure.any():
         return None
-    return float(np.abs(np.asarray(video, dtype=np.float64) - colour)[pure].mean())
+    return float(deviation[pure].mean())
 
 
 def quality_scores(videos: Sequence[np.ndarray], truths: Sequence[np.ndarray], captions: Sequence[str] | None,

@@ -109,6 +109,11 @@ def check_metrics(recipe: Recipe, plan: EvalPlan) -> None:
             raise UserError(f"fvd cannot be computed: the I3D protocol takes eval.frames = {recipe.eval.frames} "
                             f"frames and no evaluated stage has that many ({have}); evaluate a longer stage "
                             f"(--stages) or leave fvd out of {source}")
+        chosen = recipe.eval.fvd_stages
+        if chosen is not None and not set(chosen) & set(plan.stages):
+            raise UserError(f"fvd cannot be computed: eval.fvd_stages ({', '.join(chosen)}) names none of the "
+                            f"evaluated stages ({', '.join(plan.stages)}); evaluate one of them (--stages), change "
+                            f"eval.fvd_stages or leave fvd out of {source}")
         try:
             find_i3d_weights()
         except FileNotFoundError as error:
@@ -254,6 +259,9 @@ class Metrics:
             return None
         if stage.frames < self.protocol.frames:
             return f"{stage.frames} frames, the I3D protocol takes {self.protocol.frames} (eval.frames)"
+        chosen = self.recipe.eval.fvd_stages
+        if chosen is not None and stage.name not in chosen:
+            return f"not among eval.fvd_stages ({', '.join(chosen)})"
         return None
 
     def reference(self, stage: Stage):

@@ -122,11 +122,15 @@ class TemporalConv(nn.Module):
     def __init__(self, channels: int, kernel_size: int = 3) -> None:
         super().__init__()
         self.norm = group_norm(channels)
-        self.conv = _zero(nn.Conv3d(channels, channels, (kernel_size, 1, 1), padding=(kernel_size // 2, 0, 0)))
+        # Zero padding in time is applied explicitly in forward: torch 2.13's CPU kernel returns a non-finite weight
+        # gradient under bfloat16 autocast when the conv pads a clip of 2 frames itself (crop_frames 2 under
+        # precision bf16-mixed trained NaN from its second step); padded first, the same kernel is right.
+        self.pad = kernel_size // 2
+        self.conv = _zero(nn.Conv3d(channels, channels, (kernel_size, 1, 1)))
 
     def forward(self, h: Tensor, frames: int, gate: Tensor | None) -> Tensor:  # h: (B*T, C, H, W)
         x = rearrange(F.silu(self.norm(h)), "(b t) c h w -> b c t h w", t=frames)
-        y = self.conv(x)
+        y = self.conv(F.pad(x, (0, 0, 0, 0, self.pad, self.pad)))
         if gate is not None:
             y = y * gate.to(y.dtype)[:, None, None, None, None]
         return h + rearrange(y, "b c t h w -> (b t) c h w")

@@ -78,6 +78,17 @@ def _eval_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if longest.frames < e.frames:
         return [("eval.frames", f"{e.frames} frames for FVD, but the longest stage ({longest.name}) has "
                  f"{longest.frames}, so no stage would get an FVD; lower eval.frames or drop fvd from eval.metrics")]
+    if e.fvd_stages is not None:
+        names = {s.name: s for s in recipe.stages}
+        for name in e.fvd_stages:
+            if name not in names:
+                return [("eval.fvd_stages", f"{name!r} is not a stage of this recipe ({', '.join(names)})")]
+            if names[name].frames < e.frames:
+                return [("eval.fvd_stages", f"{name} has {names[name].frames} frames, FVD takes eval.frames = "
+                         f"{e.frames}: name a longer stage or lower eval.frames")]
+        if not e.fvd_stages:
+            return [("eval.fvd_stages", "is empty, so no stage would get an FVD; name a stage, set null (every "
+                     "long enough stage) or drop fvd from eval.metrics")]
     return []
 
 

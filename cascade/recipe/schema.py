@@ -418,6 +418,10 @@ class Eval(Strict):
     frames: Width = 16
     """Frames per video fed to I3D for FVD (stages with fewer frames get no FVD); at least 9 when FVD is among the
     metrics (the I3D protocol's minimum)."""
+    fvd_stages: list[Name] | None = Field(default=None, max_length=64)
+    """The stages that get an FVD (each with at least eval.frames frames). None: every evaluated stage that has
+    eval.frames frames. I3D at 224x224 costs about a second per video on a CPU core: the tiny recipe names only its
+    final stage."""
     data: PathText | None = None
     """Folder of shards to evaluate on. None: for a synthetic recipe, a generated split of held-out caption
     combinations; for real data, the training shards (the report says so)."""

@@ -38,7 +38,14 @@ def test_background_deviation_is_the_cast_on_pure_background_only():
     assert background_deviation(_scene(offset=10), truth, "black") == pytest.approx(10.0)
     # a square moved by one pixel changes no pixel that counts: the object is grown by one pixel first
     assert background_deviation(_scene(left=7), truth, "black") == pytest.approx(0.0)
-    assert background_deviation(_scene(left=9), truth, "black") > 0  # moved further: it shows on the background
+    # moved further (cascade mode: the sample draws its own start): its object is not a cast of the background
+    assert background_deviation(_scene(left=11), truth, "black") == pytest.approx(0.0)
+    # a dim trail is: 12 pixels of (40, 0, 0) over the 256 - 77 pixels outside both grown objects (rows 4-10,
+    # columns 5-15)
+    trail = _scene(left=11)
+    trail[:, 0:3, 0:4] = (40, 0, 0)
+    assert background_deviation(trail, truth, "black") == pytest.approx(12 * 40 / 3 / (256 - 7 * 11))
+    assert background_deviation(_scene(offset=60, left=11), truth, "black") == pytest.approx(60.0)  # a cast counts
     assert background_deviation(truth, np.full_like(truth, 255), "black") is None  # no background pixel
 
 

@@ -83,7 +83,8 @@ def test_eval_on_two_ranks_matches_one_process(weights, tiny_t5, tmp_path, monke
     common = [str(TINY), "--checkpoints", str(weights), "--num-videos", "5", "--batch-size", "2", "--steps", "",
               "--guidance", "", "--aug", "", "--metrics", "probes,fvd,clipsim", "--stages", "base,tsr2",
               "--modes", "gt", f"text_encoder.path={tiny_t5}", f"data.root={tmp_path / 'data'}",
-              f"eval.clip_path={clip}", "stages.base.sampler.steps=2", "stages.tsr2.sampler.steps=2"]
+              f"eval.clip_path={clip}", "stages.base.sampler.steps=2", "stages.tsr2.sampler.steps=2",
+              "eval.fvd_stages=[tsr2]"]
     _one_process(monkeypatch, ["eval", *common, "--out", str(tmp_path / "one")])
     (tmp_path / "driver.py").write_text(DRIVER)
     log = _two_ranks(["eval", *common, "--out", str(tmp_path / "two")], tmp_path / "driver.py")

@@ -305,6 +305,10 @@ def override_cases(rng: random.Random) -> list[Case]:
              problem=f"needs at least {FVD_MIN_FRAMES} frames"),
         Case("override-fvd-too-long", tiny, overrides=("eval.metrics=[fvd, probes]", "eval.frames=64",),
              field="eval.frames", problem="has 32, so no stage would get an FVD"),
+        Case("override-fvd-stage-unknown", tiny, overrides=("eval.fvd_stages=[ssr9]",), field="eval.fvd_stages",
+             problem="'ssr9' is not a stage"),
+        Case("override-fvd-stage-short", tiny, overrides=("eval.fvd_stages=[ssr2]",), field="eval.fvd_stages",
+             problem="ssr2 has 8 frames"),
     ]
 
 
