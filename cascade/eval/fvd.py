@@ -13,6 +13,8 @@ computed once and cached as .npz under a key that hashes the dataset, the protoc
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -374,6 +376,30 @@ def reference_stats(folder: str | os.PathLike, protocol: FVDProtocol, *, num_vid
     expected = protocol.as_dict(extractor.weights_sha256, num_videos)
     cache_dir = Path(cache_dir)
     path = cache_dir / f"fvd-reference-{key[:24]}.npz"
+    with _exclusive(cache_dir / f"{path.name}.lock"):  # a second process waits and reads the first one's result
+        return _reference_stats(path, folder, protocol, expected, extractor, num_videos, size, fps, frames, progress)
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock` (created) where the file system supports it; otherwise go on unlocked
+    (the statistics are then computed twice, each write atomic)."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+")
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+
+
+def _reference_stats(path: Path, folder, protocol, expected, extractor, num_videos, size, fps, frames, progress):
+    cache_dir = path.parent
     if path.is_file():
         try:
             stats, stored = FVDStats.load(path)

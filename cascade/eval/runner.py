@@ -333,9 +333,11 @@ class Metrics:
 # Running
 # --------------------------------------------------------------------------------------------------------------
 def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progress: bool = True,
-             device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32) -> dict | None:
+             device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32,
+             cache: Path | None = None) -> dict | None:
     """Run the evaluation on `device` (default: CUDA if available); write eval.json, eval.md and the plots to
-    `out`. Returns the report.
+    `out`. Returns the report. `cache`: where the FVD reference statistics are kept (default OUT/cache; `cascade
+    run` shares one between its two evaluations, and the first to need them computes them).
 
     Under torchrun or srun (`cascade.distributed`) each rank samples and scores its whole batches of the
     one-process run on its own device (cuda:LOCAL_RANK), the scores merge across ranks (`Metrics`) and rank 0
@@ -364,7 +366,7 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
     distributed.barrier(ranks)
     if not ranks.is_zero:
         folder, what = eval_folder(recipe, plan.num_videos)
-    metrics = Metrics(recipe, plan, folder, out / "cache", ranks)
+    metrics = Metrics(recipe, plan, folder, out / "cache" if cache is None else Path(cache), ranks)
     # This rank's whole batches of the one-process run: videos [first, end), in the batches they have in one process.
     batches = distributed.share([(a, min(a + plan.batch_size, plan.num_videos))
                                  for a in range(0, plan.num_videos, plan.batch_size)], ranks)

@@ -149,7 +149,8 @@ def _eval(recipe: Recipe, which: str) -> None:
 
     run = recipe.run_folder()
     out = run / "eval" / which
-    evaluate(recipe, run / which, out, EvalPlan.from_recipe(recipe), dtype=recipe.eval.dtype)
+    evaluate(recipe, run / which, out, EvalPlan.from_recipe(recipe), dtype=recipe.eval.dtype,
+             cache=run / "eval" / "cache")  # one FVD reference for both evaluations
 
 
 def run_node(recipe: Recipe, node: Node, part: int | None = None) -> None:

@@ -215,6 +215,29 @@ def test_reference_stats_cached(dataset, tmp_path):
     assert fake.calls == 10 and len(list(cache.glob("*.npz"))) == 3
 
 
+def test_reference_stats_computed_once_by_concurrent_evaluations(dataset, tmp_path):
+    """Two evaluations sharing a cache (as `cascade run`'s teachers and distilled ones do) asking at once: the
+    second waits on the cache's lock and reads the first one's statistics instead of computing them again."""
+    import threading
+    import time
+
+    class Slow(FakeExtractor):
+        def features(self, videos, protocol=None):
+            time.sleep(0.2)  # a window in which the other evaluation asks
+            return super().features(videos, protocol)
+
+    fake, results = Slow(), []
+    kwargs = dict(num_videos=3, size=(16, 12), fps=8.0, cache_dir=tmp_path / "cache", extractor=fake)
+    threads = [threading.Thread(target=lambda: results.append(reference_stats(dataset, FVDProtocol(), **kwargs)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and fake.calls == 3  # three videos, once
+    np.testing.assert_array_equal(results[0].mean, results[1].mean)
+
+
 def test_reference_stats_match_direct_decoding(dataset, tmp_path):
     """Without size/fps the clips are the videos' own frames (first clip frames at the native size and rate)."""
     fake = FakeExtractor()
