@@ -154,3 +154,18 @@ def gaussian_sampler_moments(mean: float, std: float, logsnrs: Sequence[float] |
     for A, B, S in gaussian_step_maps(mean, std, logsnrs, kind, gamma):
         mu, var = A * mu + B, A ** 2 * var + S ** 2
     return mu, var
+
+
+def gaussian_flow_map(mean: float, std: float, logsnr_t: float, logsnr_s: float | None) -> tuple[float, float]:
+    """The probability-flow ODE's solution map z_s = A z_t + B on N(mean, std^2) data, from level t to level s
+    (`logsnr_s` None: to the data, t = 0).
+
+    Per element the marginal at a level is N(alpha m, alpha^2 s^2 + sigma^2) and the ODE's velocity is affine in z,
+    so its flow is affine and increasing and carries one marginal onto the other: the unique such map,
+    A = sqrt(v_s / v_t), B = alpha_s m - A alpha_t m with v = alpha^2 s^2 + sigma^2.
+    """
+    a_t, sig_t = _ab(float(logsnr_t))
+    a_s, sig_s = (1.0, 0.0) if logsnr_s is None else _ab(float(logsnr_s))
+    s2, m = float(std) ** 2, float(mean)
+    A = math.sqrt((a_s ** 2 * s2 + sig_s ** 2) / (a_t ** 2 * s2 + sig_t ** 2))
+    return A, a_s * m - A * a_t * m

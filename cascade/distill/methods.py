@@ -3,7 +3,7 @@ the student takes as input. A training loop (`cascade.lit.distill.DistillModule`
 
     draw = method.draw(batch, generator, device)           # levels (and w) of this step
     z = diffuse(x, draw.logsnr, noise)                      # the student's input
-    target = method.target(teacher, z, draw, cond)          # no gradient
+    target = method.target(teacher, z, draw, cond)          # no gradient (target_net=EMA for a method that has one)
     loss = method.loss(student(z, draw.logsnr, **method.student_inputs(cond, draw)), target, draw)
 
 A new method is a new class here, not a flag on the loop.
@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from cascade.diffusion.loss import sample_logsnr_train
-from cascade.distill.targets import distillation_loss, guided_target, progressive_target, sample_student_levels
+from cascade.distill.targets import (consistency_target, distillation_loss, guided_target, progressive_target,
+                                     sample_student_levels)
 from cascade.sampling.steps import time_grid
 
 Denoiser = Callable[..., Tensor]  # denoiser(z, logsnr, **cond) -> x_hat
@@ -45,10 +46,14 @@ class DistillationMethod(Protocol):
     """The student takes the guidance weight w as an input (one network pass per guided step)."""
     w_range: tuple[float, float] | None
     """The guidance weights [w_min, w_max] drawn for the student, None when it takes no w."""
+    target_ema: float | None
+    """The EMA decay of the target network (a copy of the student) the method's target needs, passed to `target` as
+    `target_net`; None (or absent): the method has none and `target` gets four arguments."""
 
     def draw(self, batch: int, generator: torch.Generator | None, device: torch.device) -> Draw: ...
 
-    def target(self, teacher: Denoiser, z: Tensor, draw: Draw, cond: dict) -> Tensor: ...
+    def target(self, teacher: Denoiser, z: Tensor, draw: Draw, cond: dict,
+               target_net: Denoiser | None = None) -> Tensor: ...
 
     def loss(self, x_hat: Tensor, target: Tensor, draw: Draw) -> Tensor: ...
 
@@ -78,6 +83,7 @@ class GuidanceDistillation:
     name = "guidance"
     sampler = "ddim"
     guidance_input = True
+    target_ema = None
 
     @property
     def student_steps(self) -> int:
@@ -91,7 +97,8 @@ class GuidanceDistillation:
         grid = time_grid(self.grid_steps, self.schedule).to(device)[i].float()
         return Draw(torch.where(on_grid, grid, logsnr), i, w)
 
-    def target(self, teacher: Denoiser, z: Tensor, draw: Draw, cond: dict) -> Tensor:
+    def target(self, teacher: Denoiser, z: Tensor, draw: Draw, cond: dict,
+               target_net: Denoiser | None = None) -> Tensor:
         uncond = {**cond, "text_mask": torch.zeros_like(cond["text_mask"])}  # every token masked
         return guided_target(lambda z_, l_: teacher(z_, l_, **cond), lambda z_, l_: teacher(z_, l_, **uncond),
                              z, draw.logsnr, draw.guidance)
@@ -115,6 +122,7 @@ class ProgressiveDistillation:
     weighting: str = "truncated_snr"
     name = "progressive"
     sampler = "ddim"
+    target_ema = None
 
     @property
     def guidance_input(self) -> bool:
@@ -125,9 +133,52 @@ class ProgressiveDistillation:
         i = sample_student_levels(batch, self.student_steps, generator=generator, device=device)
         return Draw(time_grid(self.student_steps, self.schedule).to(device)[i].float(), i, w)
 
-    def target(self, teacher: Denoiser, z: Tensor, draw: Draw, cond: dict) -> Tensor:
+    def target(self, teacher: Denoiser, z: Tensor, draw: Draw, cond: dict,
+               target_net: Denoiser | None = None) -> Tensor:
         target, _ = progressive_target(teacher, z, draw.index, self.student_steps, self.schedule,
                                        **_with_guidance(cond, draw))
+        return target
+
+    def loss(self, x_hat: Tensor, target: Tensor, draw: Draw) -> Tensor:
+        return distillation_loss(x_hat, target, draw.logsnr, self.weighting)
+
+    def student_inputs(self, cond: dict, draw: Draw) -> dict:
+        return _with_guidance(cond, draw)
+
+
+@dataclass(frozen=True)
+class ConsistencyDistillation:
+    """Multistep consistency distillation (Heek et al. 2024; Song et al. 2023 at one step): the student learns, at
+    every level of a segment of its `student_steps`-step grid, the one DDIM step that lands where the teacher's ODE
+    (`substeps` DDIM steps per segment) lands at the segment's end; the rest of the way from the teacher's next
+    level is taken by the target network, an EMA (`target_ema`) of the student. Sampled with DDIM on the student's
+    grid, like a progressive student. With `w_range` (a guidance-distilled teacher) both get the same w."""
+
+    schedule: Callable[[Tensor], Tensor]
+    student_steps: int
+    substeps: int = 16
+    w_range: tuple[float, float] | None = None
+    weighting: str = "truncated_snr"
+    target_ema: float = 0.95
+    name = "consistency"
+    sampler = "ddim"
+
+    @property
+    def guidance_input(self) -> bool:
+        return self.w_range is not None
+
+    def draw(self, batch: int, generator: torch.Generator | None, device: torch.device) -> Draw:
+        w = None if self.w_range is None else _weights(self.w_range, batch, generator, device)
+        fine = self.student_steps * self.substeps
+        j = sample_student_levels(batch, fine, generator=generator, device=device)
+        return Draw(time_grid(fine, self.schedule).to(device)[j].float(), j, w)
+
+    def target(self, teacher: Denoiser, z: Tensor, draw: Draw, cond: dict,
+               target_net: Denoiser | None = None) -> Tensor:
+        if target_net is None:
+            raise ValueError("consistency distillation needs its target network (the student's EMA)")
+        target, _ = consistency_target(teacher, target_net, z, draw.index, self.student_steps, self.substeps,
+                                       self.schedule, **_with_guidance(cond, draw))
         return target
 
     def loss(self, x_hat: Tensor, target: Tensor, draw: Draw) -> Tensor:

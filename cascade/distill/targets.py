@@ -88,6 +88,61 @@ def progressive_target(teacher: Teacher, z_t: Tensor, i: Tensor | int, num_stude
     return torch.where(last, x_mid, x_target), lam_t.to(level_dtype)
 
 
+def _invert_ddim(z_s: Tensor, z_t: Tensor, lam_t: Tensor, lam_s: Tensor) -> Tensor:
+    """The x for which one DDIM step z_t -> level s lands on z_s (PD Alg. 2): (z_s - r z_t) / (alpha_s - r alpha_t),
+    r = sigma_s / sigma_t; levels (B,) float64, lam_s > lam_t."""
+    r = torch.exp(0.5 * (F.logsigmoid(-lam_s) - F.logsigmoid(-lam_t)))
+    den = torch.sigmoid(lam_s).sqrt() - r * torch.sigmoid(lam_t).sqrt()  # > 0 since SNR_s > SNR_t
+    c_s, c_t = (append_dims(c.to(z_t.dtype), z_t.ndim) for c in (1.0 / den, r / den))
+    return c_s * z_s - c_t * z_t
+
+
+@torch.no_grad()
+def consistency_target(teacher: Teacher, target_net: Teacher, z_t: Tensor, j: Tensor | int, num_student_steps: int,
+                       substeps: int, schedule: Callable[[Tensor], Tensor], **cond) -> tuple[Tensor, Tensor]:
+    """Multistep consistency-distillation target x~ (Heek et al. 2024, after Song et al. 2023) for a student sampled
+    with N = `num_student_steps` DDIM steps on `time_grid(N, schedule)`.
+
+    Time is cut into N segments; segment k runs from the student's grid point k down to k + 1, and a consistent
+    student maps every z on a probability-flow trajectory inside a segment, in ONE DDIM step with its x_hat, to the
+    trajectory's point at the segment's end (in the last segment: its x_hat is the trajectory's end itself, what the
+    samplers return at their last step). The teacher's ODE is followed on the finer grid `time_grid(N K, schedule)`,
+    K = `substeps` per segment; j: (B,) int64 (or an int) fine index in {0..N K - 1}, the student's input level,
+    e = (j // K + 1) K the end of its segment. One teacher DDIM step j -> j + 1 gives z'; then
+      - j + 1 = e: the segment's end is the teacher's z' itself (in the last segment: the teacher's x_hat(z_t),
+        the sampler's convention, as in `progressive_target`);
+      - otherwise the target network (the student's EMA, no gradient) carries z' on to the end: in the last segment
+        x~ = target_net(z'); before it, z_e = DDIM(z', target_net(z'), j + 1 -> e).
+    x~ is the x for which one DDIM step from z_t lands on z_e (PD Alg. 2's inversion). Its fixed point is the
+    composition of the teacher's DDIM steps over the rest of the segment, which for K -> infinity is the
+    probability-flow ODE's solution map (affine and known in closed form on Gaussian data,
+    `cascade.diffusion.analytic.gaussian_flow_map`). K = 1 is progressive distillation's one-teacher-step target
+    without the second step: use `progressive_target` for that.
+
+    Returns (x_target (B, ...) in z_t's dtype, logsnr_j (B,)) where logsnr_j is the student's input level in the
+    samplers' dtype. Coefficients are float64; no gradient flows.
+    """
+    n, k = int(num_student_steps), int(substeps)
+    if n < 1 or k < 1:
+        raise ValueError(f"num_student_steps and substeps must be >= 1, got {num_student_steps} and {substeps}")
+    batch = z_t.shape[0]
+    j = _levels(j, batch, n * k, z_t.device)
+    fine = time_grid(n * k, schedule).to(z_t.device)  # (N K + 1,) float64
+    end = (j // k + 1) * k  # (B,) the segment's end on the fine grid
+    lam_j, lam_next, lam_end = fine[j], fine[j + 1], fine[end]
+    level_dtype = torch.promote_types(z_t.dtype, torch.float32)
+    last_segment = append_dims(end == n * k, z_t.ndim)
+    at_end = append_dims(j + 1 == end, z_t.ndim)
+
+    x_teacher = teacher(z_t, lam_j.to(level_dtype), **cond)
+    z_next = ddim_step(z_t, x_teacher, lam_j, lam_next)
+    x_ema = target_net(z_next, lam_next.to(level_dtype), **cond)
+    z_end = torch.where(at_end, z_next, ddim_step(z_next, x_ema, lam_next, lam_end))
+    x_target = _invert_ddim(z_end, z_t, lam_j, lam_end)  # lam_end > lam_j: finite; unused in the last segment
+    x_last = torch.where(at_end, x_teacher, x_ema)  # the last segment: the sampler returns x_hat, no inversion
+    return torch.where(last_segment, x_last, x_target), lam_j.to(level_dtype)
+
+
 @torch.no_grad()
 def guided_target(cond_fn: Callable[[Tensor, Tensor], Tensor], uncond_fn: Callable[[Tensor, Tensor], Tensor],
                   z: Tensor, logsnr: Tensor, w: float | Tensor) -> Tensor:

@@ -7,6 +7,7 @@ comes from a generator seeded by (seed, rank, micro-batch count), as in stage tr
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -34,6 +35,11 @@ class DistillModule(L.LightningModule):
         self.student, self.teacher = student, teacher.eval().requires_grad_(False)
         self.student_x = Denoiser(student, parameterization)
         self.teacher_x = Denoiser(teacher, parameterization)
+        # the method's target network: an EMA of the student, frozen between updates (consistency distillation)
+        self.target_student = None
+        if getattr(method, "target_ema", None) is not None:
+            self.target_student = copy.deepcopy(student).eval().requires_grad_(False)
+        self.target_x = None if self.target_student is None else Denoiser(self.target_student, parameterization)
         self.method, self.augmentation, self.text_drop_prob = method, augmentation, text_drop_prob
         self.known_frames = known_frames  # the stage's KnownFrameDraw: the student learns the same inputs
         self.lr, self.max_steps = lr, max_steps
@@ -51,10 +57,14 @@ class DistillModule(L.LightningModule):
         mesh, policy = self.device_mesh["data_parallel"], mixed_precision(self.trainer.precision)
         shard_network(self.student, mesh, policy)
         shard_network(self.teacher, mesh, policy)
+        if self.target_student is not None:
+            shard_network(self.target_student, mesh, policy)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()  # the teacher never trains (dropout off)
+        if self.target_student is not None:
+            self.target_student.eval()
         return self
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -74,13 +84,23 @@ class DistillModule(L.LightningModule):
         draw = self.method.draw(x.shape[0], g, self.device)
         noise = torch.randn(x.shape, generator=g, device=self.device, dtype=x.dtype)
         z = diffuse(x, draw.logsnr, noise)
-        target = self.method.target(self.teacher_x, z, draw, cond)
+        # only a method with a target network (target_ema) is handed one: a method of four arguments keeps working
+        extra = {} if self.target_x is None else dict(target_net=self.target_x)
+        target = self.method.target(self.teacher_x, z, draw, cond, **extra)
         x_hat = self.student_x(z, draw.logsnr, **self.method.student_inputs(cond, draw))
         loss = self.method.loss(x_hat, target, draw).mean()
         self.log("distill/loss", loss, prog_bar=True)
         self.log("global_step", float(self.global_step))
         self._journal(loss, batch)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.target_student is None:
+            return
+        with torch.no_grad():  # after the optimizer step: target <- decay target + (1 - decay) student
+            decay = self.method.target_ema
+            for target, source in zip(self.target_student.parameters(), self.student.parameters()):
+                target.lerp_(source.detach().to(target.dtype), 1.0 - decay)
 
     def _journal(self, loss: Tensor, batch: dict) -> None:
         if self.journal is None or self.global_rank != 0:

@@ -113,16 +113,19 @@ def build_stage_spec(stage: Stage, net, *, guidance_distilled: bool = False, ste
 
 def build_distillation_rounds(stage: Stage):
     """The stage's distillation rounds (`cascade.distill.Round`): guidance distillation when `distill.guidance` is
-    set, then the progressive halvings."""
+    set, then the progressive halvings or (`distill.method: consistency`) one consistency-distillation round."""
     from cascade.distill import distillation_rounds
 
     d = stage.distill
-    g, p = d.guidance, d.progressive
+    g, p, c = d.guidance, d.progressive, d.consistency
+    consistency = None if d.method != "consistency" else dict(
+        steps=c.steps, substeps=c.substeps, max_steps=c.max_steps, lr=c.lr, target_ema=c.target_ema,
+        weighting=c.loss_weighting)
     return distillation_rounds(build_schedule(stage), start_steps=p.start_steps, end_steps=p.end_steps,
                                steps_per_round=p.steps_per_round, lr=p.lr, weighting=p.loss_weighting,
                                guidance=None if g is None else (g.w_min, g.w_max),
                                guidance_steps=None if g is None else g.max_steps,
-                               guidance_lr=None if g is None else g.lr)
+                               guidance_lr=None if g is None else g.lr, consistency=consistency)
 
 
 def dataset_folder(recipe: Recipe) -> str:

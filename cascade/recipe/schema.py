@@ -324,10 +324,29 @@ class ProgressiveDistill(Strict):
         return round(math.log2(self.start_steps / self.end_steps))
 
 
+class ConsistencyDistill(Strict):
+    steps: SamplingSteps = 1
+    """Sampling steps of the student (segments of the time axis; Heek et al. 2024)."""
+    substeps: Annotated[int, Field(ge=1), Sane(high=4096)] = 16
+    """Teacher DDIM steps per student step: the teacher's ODE is followed on a grid of steps x substeps."""
+    max_steps: Steps = 2000
+    """Optimizer steps of the round."""
+    lr: LearningRate = 1e-4
+    target_ema: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.95
+    """EMA decay of the target network (a copy of the student that carries the teacher's step to the segment's
+    end)."""
+    loss_weighting: Literal["snr+1", "truncated_snr"] = "truncated_snr"
+
+
 class Distill(Strict):
     guidance: GuidanceDistill | None = GuidanceDistill()
     """Guidance distillation first (None: skip it, e.g. for unguided stages)."""
+    method: Literal["progressive", "consistency"] = "progressive"
+    """After guidance distillation: progressive halvings (`progressive`) or one consistency-distillation round
+    (`consistency`)."""
     progressive: ProgressiveDistill = ProgressiveDistill()
+    """The halvings; start_steps is also the teacher's step count that guidance distillation trains on."""
+    consistency: ConsistencyDistill = ConsistencyDistill()
 
 
 class Launch(Strict):

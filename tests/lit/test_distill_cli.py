@@ -207,3 +207,38 @@ def test_distillation_drops_captions_at_the_stage_rate(overrides, monkeypatch):
     with pytest.raises(Stop):
         distill(recipe, "tsr1", teacher=teacher)
     assert seen == [0.25]
+
+
+def test_consistency_distillation_through_the_cli(overrides, tmp_path):
+    """distill.method consistency: guidance distillation, then one consistency round to 1 step whose target network
+    (the student's EMA) is updated and checkpointed; the student says so and samples in one pass."""
+    import torch
+
+    rounds = ["stages.base.distill.guidance.max_steps=2", "stages.base.distill.method=consistency",
+              "stages.base.distill.consistency.steps=1", "stages.base.distill.consistency.substeps=4",
+              "stages.base.distill.consistency.max_steps=3", "stages.base.distill.consistency.target_ema=0.5"]
+    assert main(["train", str(TINY), "--stage", "base", *overrides, "stages.base.train.max_steps=2"]) == 0
+    assert main(["distill", str(TINY), "--stage", "base", *overrides, *rounds]) == 0
+    runs = tmp_path / "runs"
+    folder = runs / "base" / "distill"
+    assert sorted(p.name for p in folder.iterdir()) == ["consistency-0001", "guidance"]
+    with safe_open(str(runs / "distilled" / "base.safetensors"), "pt") as file:
+        meta = file.metadata()
+        student = {k: file.get_tensor(k) for k in file.keys()}
+    assert meta["cascade.method"] == "consistency" and meta["cascade.steps"] == "1"
+    assert [r["kind"] for r in json.loads(meta["cascade.lineage"])] == ["teacher", "guidance"]
+    state = torch.load(folder / "consistency-0001" / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=False)["state_dict"]
+    target = {k.removeprefix("target_student."): v for k, v in state.items() if k.startswith("target_student.")}
+    assert set(target) == set(student)  # the EMA target network is part of the round's checkpoint
+    guidance = {}
+    with safe_open(str(folder / "guidance" / "student.safetensors"), "pt") as file:
+        guidance = {k: file.get_tensor(k) for k in file.keys()}
+    moved = [k for k in student if not torch.equal(student[k], guidance[k])]
+    assert moved and any(not torch.equal(target[k], guidance[k]) for k in moved)  # it followed the student
+    assert any(not torch.equal(target[k], student[k]) for k in moved)  # at decay 0.5, behind it
+    out = tmp_path / "one-step.mp4"
+    assert main(["sample", str(TINY), *overrides, *rounds, "--checkpoints", str(runs / "distilled"), "--up-to",
+                 "base", "--prompt", "a red circle moving left on a black background", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["per_stage"]["base"]["nfe_per_video"] == 1
