@@ -20,8 +20,9 @@ FIELDS = ("color", "shape", "direction", "background")
 QUALITY = {  # cascade.eval.quality's measures: the column and what it means
     "psnr_db": "psnr_db: PSNR against the ground truth clip, dB (higher is better)",
     "ssim": "ssim: SSIM against it (higher is better, 1 at most)",
-    "background": "background: mean |pixel - the caption's background colour| over the ground truth's background, "
-                  "uint8 levels (lower is better; the ground truth's own is its codec's)",
+    "background": "background: mean |pixel - the caption's background colour| over the pixels that are background "
+                  "in both the video and its ground truth, uint8 levels (lower is better; the ground truth's own is "
+                  "its codec's)",
 }
 
 

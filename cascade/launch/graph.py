@@ -198,8 +198,9 @@ def run_graph(recipe: Recipe, nodes: list[Node], force: list[str] = (), jobs: in
     RUN/graph.json (a skipped node keeps the time it took when it ran).
 
     jobs > 1 runs independent nodes (e.g. different stages' training) at the same time, each as its own process
-    `step_argv + [NODE]` (a `cascade step` command line) with the CPU threads shared out, its output in
-    RUN/logs/NODE.log. jobs = 1 runs every node in this process, with its progress bars.
+    `step_argv + [NODE]` (a `cascade step` command line) with the free cores shared out among the nodes starting
+    together (OMP_NUM_THREADS: cores / jobs while every slot is busy, all of them for a node that starts alone),
+    its output in RUN/logs/NODE.log. jobs = 1 runs every node in this process, with its progress bars.
 
     A status line shows the running nodes' steps, elapsed time and an estimate of the rest (`cascade.launch.progress`):
     rewritten in place on a terminal, printed every `status_every` seconds (default 30) into a log."""
@@ -251,15 +252,20 @@ def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_a
         print(text, flush=True)
 
     logs.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cores = os.cpu_count() or 1
     names = {n.name for n in todo}
     pending, running = list(todo), {}
     failed: list[str] = []
     count = 0
     while pending or running:
         ready = [n for n in pending if all(a in finished or a not in names for a in n.after)]
+        # The cores not taken by running nodes, shared by the nodes starting now: a node that starts alone (the
+        # data at the start, the tools and the report at the end) gets every free core, not cores / jobs.
+        starting = min(len(ready), jobs - len(running))
+        free = cores - sum(entry[4] for entry in running.values())
         while ready and len(running) < jobs and not failed:
+            threads = max(1, free // max(1, starting))
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
             node = ready.pop(0)
             pending.remove(node)
             count += 1
@@ -267,13 +273,13 @@ def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_a
             with open(log, "ab") as out:
                 argv = [*step_argv, node.name, *(["--force"] if node.name in forced else [])]
                 process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-            running[node.name] = (node, process, time.perf_counter(), log)
+            running[node.name] = (node, process, time.perf_counter(), log, threads)
             progress.start(node.name)
             say(f"[{count}/{len(todo)}] {node.name}: {node.description} (started; log {log})")
         if not running:  # nothing left that can start: a failure stopped the graph
             break
         time.sleep(0.5)
-        for name, (node, process, start, log) in list(running.items()):
+        for name, (node, process, start, log, _) in list(running.items()):
             code = process.poll()
             if code is None:
                 continue

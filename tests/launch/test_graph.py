@@ -119,6 +119,25 @@ def test_parallel_run_respects_dependencies_and_overlaps_independent_nodes(tmp_p
     assert (tmp_path / "run" / "logs" / "train-base.log").is_file()
 
 
+def test_parallel_run_gives_a_node_that_starts_alone_every_free_core(tmp_path, monkeypatch):
+    """jobs=2 on 4 cores: the data and the embedding cache start alone (4 threads each), the two trainings start
+    together (2 each); no node starts with fewer than 2 (the cores / jobs of before)."""
+    import cascade.launch.graph as graph
+
+    monkeypatch.setattr(graph.os, "cpu_count", lambda: 4)
+    recipe = _recipe(tmp_path)
+    nodes = job_graph(recipe, ["base", "tsr1"])
+    step_argv, mapping = _fake_step(
+        tmp_path, nodes, "time.sleep(0.6 if node.startswith('train') else 0.1)\n",
+        "import os\nwith open(pathlib.Path(sys.argv[1]).with_suffix('.threads'), 'a') as f:\n"
+        "    f.write(json.dumps([node, os.environ['OMP_NUM_THREADS']]) + '\\n')\n")
+    run_graph(recipe, nodes, jobs=2, step_argv=step_argv)
+    threads = dict(map(json.loads, mapping.with_suffix(".threads").read_text().splitlines()))
+    assert threads["data"] == threads["embed"] == "4"
+    assert threads["train/base"] == threads["train/tsr1"] == "2"
+    assert all(int(n) >= 2 for n in threads.values()) and len(threads) == len(nodes)
+
+
 def test_parallel_run_names_the_failed_node_and_what_it_kept_from_running(tmp_path):
     recipe = _recipe(tmp_path)
     nodes = job_graph(recipe, ["base", "tsr1"])
