@@ -39,6 +39,15 @@ def _levels(i: Tensor | int, batch: int, num_steps: int, device: torch.device) -
     return i
 
 
+def _invert_ddim(z_s: Tensor, z_t: Tensor, lam_t: Tensor, lam_s: Tensor) -> Tensor:
+    """The x for which one DDIM step z_t -> level s lands on z_s (PD Alg. 2): (z_s - r z_t) / (alpha_s - r alpha_t),
+    r = sigma_s / sigma_t; levels (B,) float64, lam_s > lam_t."""
+    r = torch.exp(0.5 * (F.logsigmoid(-lam_s) - F.logsigmoid(-lam_t)))
+    den = torch.sigmoid(lam_s).sqrt() - r * torch.sigmoid(lam_t).sqrt()  # > 0 since SNR_s > SNR_t
+    c_s, c_t = (append_dims(c.to(z_t.dtype), z_t.ndim) for c in (1.0 / den, r / den))
+    return c_s * z_s - c_t * z_t
+
+
 @torch.no_grad()
 def progressive_target(teacher: Teacher, z_t: Tensor, i: Tensor | int, num_student_steps: int,
                        schedule: Callable[[Tensor], Tensor], **cond) -> tuple[Tensor, Tensor]:
@@ -79,22 +88,10 @@ def progressive_target(teacher: Teacher, z_t: Tensor, i: Tensor | int, num_stude
     z_s = ddim_step(z_mid, x_mid, lam_mid, lam_s)
 
     # x~ = (z_t'' - r z_t) / (alpha_t'' - r alpha_t), r = sigma_t'' / sigma_t (PD Alg. 2); log form as in dpm.py
-    r = torch.exp(0.5 * (F.logsigmoid(-lam_s) - F.logsigmoid(-lam_t)))
-    den = torch.sigmoid(lam_s).sqrt() - r * torch.sigmoid(lam_t).sqrt()  # > 0 since SNR_t'' > SNR_t
-    c_s, c_t = (append_dims(c.to(z_t.dtype), z_t.ndim) for c in (1.0 / den, r / den))
-    x_target = c_s * z_s - c_t * z_t
+    x_target = _invert_ddim(z_s, z_t, lam_t, lam_s)
     # last student step: the teacher sampler's output x_hat(z_t'); our i = N-1 is the reference's i == 0
     last = append_dims(i == n - 1, z_t.ndim)
     return torch.where(last, x_mid, x_target), lam_t.to(level_dtype)
-
-
-def _invert_ddim(z_s: Tensor, z_t: Tensor, lam_t: Tensor, lam_s: Tensor) -> Tensor:
-    """The x for which one DDIM step z_t -> level s lands on z_s (PD Alg. 2): (z_s - r z_t) / (alpha_s - r alpha_t),
-    r = sigma_s / sigma_t; levels (B,) float64, lam_s > lam_t."""
-    r = torch.exp(0.5 * (F.logsigmoid(-lam_s) - F.logsigmoid(-lam_t)))
-    den = torch.sigmoid(lam_s).sqrt() - r * torch.sigmoid(lam_t).sqrt()  # > 0 since SNR_s > SNR_t
-    c_s, c_t = (append_dims(c.to(z_t.dtype), z_t.ndim) for c in (1.0 / den, r / den))
-    return c_s * z_s - c_t * z_t
 
 
 @torch.no_grad()

@@ -97,10 +97,10 @@ class DistillModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.target_student is None:
             return
-        with torch.no_grad():  # after the optimizer step: target <- decay target + (1 - decay) student
-            decay = self.method.target_ema
-            for target, source in zip(self.target_student.parameters(), self.student.parameters()):
-                target.lerp_(source.detach().to(target.dtype), 1.0 - decay)
+        from cascade.lit.sharding import ema_update
+
+        # after the optimizer step: target <- decay target + (1 - decay) student, on each rank's shards when sharded
+        ema_update(self.target_student, self.student, self.method.target_ema, first=False)
 
     def _journal(self, loss: Tensor, batch: dict) -> None:
         if self.journal is None or self.global_rank != 0:
