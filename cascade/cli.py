@@ -486,6 +486,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(p, dtype_default=None)
     p.set_defaults(func=_lazy("cascade.eval.runner", "eval_command"))
 
+    p = sub.add_parser("eval-nfe", help="quality against network evaluations per video: the teacher and every "
+                       "distilled student of the run, per stage (ground-truth input) and for the whole cascade, with "
+                       "the best student cascade within a budget checked against the teachers: JSON, markdown, plot")
+    p.add_argument("recipe", type=Path, help=RECIPE_HELP)
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--num-videos", type=int, help="held-out videos per row (default: eval.num_videos)")
+    p.add_argument("--budget", type=int, default=10, help="network evaluations per video the best student cascade "
+                   "may spend (default 10)")
+    p.add_argument("--teacher-steps", help="comma-separated extra step counts for the teacher (default: the "
+                   "students' step counts)")
+    p.add_argument("--stages", help="comma-separated stages to measure alone (default: all, then the cascade)")
+    p.add_argument("--no-cascade", action="store_true", help="measure the stages alone only")
+    p.add_argument("--batch-size", type=int, help="videos sampled together (default: eval.batch_size)")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/NAME/eval/nfe)")
+    add_device_arguments(p, dtype_default=None)
+    p.set_defaults(func=_lazy("cascade.eval.nfe", "eval_nfe_command"))
+
     p = sub.add_parser("eval-tools", help="measure the video tools (image-to-video, stories, editing, upscaling) on "
                        "held-out synthetic videos against their targets: tools.json, tools.md, a plot, example gifs")
     p.add_argument("recipe", type=Path, help=RECIPE_HELP)

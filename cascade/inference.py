@@ -168,6 +168,8 @@ class Cascade:
         if not info.distilled:
             return
         for key, value, own in (("steps", stage.sampler.steps, info.steps), ("kind", stage.sampler.kind, info.sampler)):
+            if key == "steps" and info.sampler == "consistency":
+                continue  # a one-step consistency student samples at any step count
             if self.recipe.overridden(f"stages.{name}.sampler.{key}") and value != own:
                 raise RecipeError("command line", [(f"stages.{name}.sampler.{key}", f"the distilled student "
                                    f"{loaded.path} samples with {info.steps} {info.sampler} steps and cannot honour "
@@ -193,9 +195,23 @@ class Cascade:
         info = self.stages[name].info
         return info.w_range if info.guidance_input else None
 
+    def default_steps(self, name: str) -> tuple[int, bool]:
+        """(the steps a stage samples with by default, whether other step counts are valid): a teacher's recipe
+        steps (any count); a student's own count (that count only), except a one-step consistency student, which
+        samples at any count (multistep consistency sampling): its own unless stages.NAME.sampler.steps is set on
+        the command line."""
+        info, stage = self.stages[name].info, self.stages[name].stage
+        if not info.distilled:
+            return stage.sampler.steps, True
+        if info.sampler == "consistency":
+            overridden = self.recipe.overridden(f"stages.{name}.sampler.steps")
+            return (stage.sampler.steps if overridden else info.steps), True
+        return info.steps, False
+
     def spec(self, name: str, setting: Mapping | None = None) -> StageSpec:
         """The stage's sampling settings: the recipe's, with `setting`'s changes (any of steps, guidance, oscillate
-        ((high, low) or None), aug (the input's augmentation log-SNR)). A student keeps its steps and sampler."""
+        ((high, low) or None), aug (the input's augmentation log-SNR)). A student keeps its sampler, and its steps
+        unless it is a one-step consistency student (`default_steps`)."""
         from cascade.recipe.build import build_stage_spec
 
         loaded, setting = self.stages[name], dict(setting or {})
@@ -204,7 +220,9 @@ class Cascade:
             raise ValueError(f"unknown sampling settings {sorted(unknown)}; known: steps, guidance, oscillate, aug, "
                              f"reconstruction")
         info, kw = loaded.info, {}
-        if info.distilled:
+        if info.distilled and info.sampler == "consistency":  # any step count; its own by default
+            kw.update(steps=setting.get("steps") or self.default_steps(name)[0], sampler=info.sampler)
+        elif info.distilled:
             if setting.get("steps") not in (None, info.steps):
                 raise ValueError(f"stage {name}: the distilled student samples with {info.steps} steps, not "
                                  f"{setting['steps']}")

@@ -151,8 +151,11 @@ class ConsistencyDistillation:
     """Multistep consistency distillation (Heek et al. 2024; Song et al. 2023 at one step): the student learns, at
     every level of a segment of its `student_steps`-step grid, the one DDIM step that lands where the teacher's ODE
     (`substeps` DDIM steps per segment) lands at the segment's end; the rest of the way from the teacher's next
-    level is taken by the target network, an EMA (`target_ema`) of the student. Sampled with DDIM on the student's
-    grid, like a progressive student. With `w_range` (a guidance-distilled teacher) both get the same w."""
+    level is taken by the target network, an EMA (`target_ema`) of the student. A multistep student (N > 1) is
+    sampled with DDIM on its grid, like a progressive student (Heek et al.); a one-step student (N = 1) maps every
+    level to the trajectory's end, a consistency function (Song et al. 2023), and is sampled with multistep
+    consistency sampling at any step count (fresh noise at every step, `sample_consistency`). With `w_range` (a
+    guidance-distilled teacher) both get the same w."""
 
     schedule: Callable[[Tensor], Tensor]
     student_steps: int
@@ -161,7 +164,10 @@ class ConsistencyDistillation:
     weighting: str = "truncated_snr"
     target_ema: float = 0.95
     name = "consistency"
-    sampler = "ddim"
+
+    @property
+    def sampler(self) -> str:
+        return "consistency" if self.student_steps == 1 else "ddim"
 
     @property
     def guidance_input(self) -> bool:

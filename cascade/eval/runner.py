@@ -134,13 +134,15 @@ def default_setting(stage: Stage, fixed_steps: int | None = None) -> dict:
 
 
 def settings_grid(stage: Stage, plan: EvalPlan, fixed_steps: int | None = None,
-                  guidance_range: tuple[float, float] | None = None) -> list[dict]:
+                  guidance_range: tuple[float, float] | None = None, any_steps: bool | None = None) -> list[dict]:
     """The settings to sample a stage with: the recipe's, then one axis at a time. Each setting lists the axes
-    whose plot it belongs to (the recipe's setting belongs to all of them). A distilled student keeps its step
-    count (`fixed_steps`); a guidance-distilled one is swept only over the weights it learned (`guidance_range`)."""
+    whose plot it belongs to (the recipe's setting belongs to all of them). A distilled student samples with its
+    step count (`fixed_steps`) and keeps it unless `any_steps` (a one-step consistency student); a
+    guidance-distilled one is swept only over the weights it learned (`guidance_range`)."""
     base = default_setting(stage, fixed_steps)
     candidates = [(dict(base), list(AXES))]
-    for steps in ([] if fixed_steps else plan.steps):
+    sweep = not fixed_steps if any_steps is None else any_steps
+    for steps in (plan.steps if sweep else []):
         candidates.append((dict(base, steps=steps), ["steps"]))
     low, high = guidance_range or (-math.inf, math.inf)
     for weight in (w for w in plan.guidance if low <= w <= high):
@@ -334,10 +336,11 @@ class Metrics:
 # --------------------------------------------------------------------------------------------------------------
 def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progress: bool = True,
              device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32,
-             cache: Path | None = None) -> dict | None:
+             cache: Path | None = None, samples: bool = True) -> dict | None:
     """Run the evaluation on `device` (default: CUDA if available); write eval.json, eval.md and the plots to
     `out`. Returns the report. `cache`: where the FVD reference statistics are kept (default OUT/cache; `cascade
-    run` shares one between its two evaluations, and the first to need them computes them).
+    run` shares one between its two evaluations, and the first to need them computes them). `samples`: write the
+    recipe setting's first two videos per stage and mode as gifs (OUT/samples).
 
     Under torchrun or srun (`cascade.distributed`) each rank samples and scores its whole batches of the
     one-process run on its own device (cuda:LOCAL_RANK), the scores merge across ranks (`Metrics`) and rank 0
@@ -382,8 +385,7 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
     cascade.release_text_encoder()  # every caption is encoded: T5's memory goes to the U-Nets
 
     def fixed_steps(name: str) -> int | None:
-        info = cascade.stages[name].info
-        return info.steps if info.distilled else None
+        return cascade.default_steps(name)[0] if cascade.stages[name].info.distilled else None
 
     def run(stage: Stage, setting: dict, inputs: list[torch.Tensor | None]) -> tuple[torch.Tensor, dict]:
         """Every batch of the stage at one setting; video i draws from its own streams (plan.seed, i, stage), so
@@ -414,7 +416,8 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
         stage = recipe.stage(name)
         modes = ["text"] if stage.kind == "base" else plan.modes
         for mode in modes:
-            for setting in settings_grid(stage, plan, fixed_steps(name), cascade.guidance_range(name)):
+            for setting in settings_grid(stage, plan, fixed_steps(name), cascade.guidance_range(name),
+                                         any_steps=cascade.default_steps(name)[1]):
                 jobs.append((stage, mode, setting))
 
     rows, ground_truth = [], {}
@@ -444,7 +447,7 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
                    **metrics.score(stage, videos, captions, truth=truth))
         if metrics.fvd_reason(stage):
             row["fvd_skipped"] = metrics.fvd_reason(stage)
-        if set(setting["axes"]) == set(AXES):  # keep the recipe setting's first samples for a look
+        if samples and set(setting["axes"]) == set(AXES):  # keep the recipe setting's first samples for a look
             shown = distributed.gather({first + i: videos[i] for i in range(min(2 - first, len(videos)))}, ranks)
             for i, frames in sorted({i: v for part in shown or [] for i, v in part.items()}.items()):
                 write_video(samples_dir / f"{stage.name}_{mode}_{i}.gif", frames, stage.fps)
@@ -459,7 +462,7 @@ def evaluate(recipe: Recipe, checkpoints: Path, out: Path, plan: EvalPlan, progr
                                                                    skipped=examples[plan.stages[0]]["skipped"]),
         plan=asdict(plan), metrics=metrics.describe(),
         weights={n: cascade.stages[n].info.summary() for n in needed}, ground_truth=ground_truth, rows=rows,
-        ranks=ranks.world, seconds=time.perf_counter() - started)
+        cascade_costs=default_costs, ranks=ranks.world, seconds=time.perf_counter() - started)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     (out / "eval.md").write_text(markdown(report))
     report["plots"] = [str(p) for p in plot(report, out)]

@@ -226,8 +226,9 @@ class Guidance(Strict):
 
 
 class Sampler(Strict):
-    kind: Literal["ddim", "ancestral", "stochastic"] = "ddim"
-    """DDIM; ancestral with stochasticity gamma; or the N-step stochastic sampler for distilled models."""
+    kind: Literal["ddim", "ancestral", "stochastic", "consistency"] = "ddim"
+    """DDIM; ancestral with stochasticity gamma; the N-step stochastic sampler for distilled models; or multistep
+    consistency sampling (fresh noise at every step) for a one-step consistency student."""
     steps: SamplingSteps = 256
     """Network-evaluation steps (each doubled when guidance needs an unconditional pass)."""
     gamma: Probability = 0.3

@@ -19,7 +19,7 @@ from cascade.diffusion.augment import NoiseAugmentation
 from cascade.diffusion.inputs import stage_inputs
 from cascade.diffusion.noise import Generator, VideoGenerators, randn
 from cascade.sampling.guidance import GuidedModel, dynamic_threshold, guidance_weights
-from cascade.sampling.samplers import sample
+from cascade.sampling.samplers import STOCHASTIC, sample
 from cascade.sampling.steps import ddim_step, time_grid
 from cascade.diffusion.param import append_dims, diffuse
 from cascade.diffusion.schedule import alpha_sigma
@@ -349,7 +349,7 @@ class CascadeSampler:
                 extra_nfe = inverse_nfe()
         kind = "ddim" if invert_text is not None else stage.sampler  # deterministic back along the inversion
         extra = {"gamma": stage.gamma} if kind == "ancestral" else {}
-        if kind in ("ancestral", "stochastic"):
+        if kind in STOCHASTIC:
             extra["generator"] = generator
         video = sample(kind, model, z, logsnrs, progress=progress and f"{stage.name} ({kind})", **extra)
         return video.clamp(-1.0, 1.0), nfe() + extra_nfe

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from cascade.diffusion.noise import Generator, randn
+from cascade.diffusion.param import diffuse
 from cascade.sampling.steps import ancestral_step, ddim_step, renoise_step
 
 Model = Callable[[Tensor, Tensor, int], Tensor]
@@ -92,11 +93,33 @@ def sample_stochastic(model: Model, z: Tensor, logsnrs: Sequence[float] | Tensor
     return z
 
 
+@torch.no_grad()
+def sample_consistency(model: Model, z: Tensor, logsnrs: Sequence[float] | Tensor,
+                       generator: Generator = None, callback: Callback | None = None,
+                       progress: bool = False) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) for a one-segment consistency student, whose
+    x_hat at any level is the end of the probability-flow trajectory through it: x = f(z_1); then at each next level
+    of the grid the sample is noised afresh, z = alpha x + sigma eps, and mapped again, x = f(z). N model
+    evaluations; N = 1 is the one-step consistency model. The fresh noise lets later evaluations correct the first
+    one's errors, which a deterministic DDIM step from the same x_hat would carry along."""
+    lams = _floats(logsnrs)
+    last = len(lams) - 2
+    for i in _steps(len(lams) - 1, progress):
+        x_hat = _predict(model, z, lams[i], i, callback)
+        if i == last:
+            return x_hat
+        lam = torch.full((z.shape[0],), lams[i + 1], dtype=torch.float64, device=z.device)
+        z = diffuse(x_hat, lam, _noise(z, generator))
+    return z
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddim": sample_ddim,
     "ancestral": sample_ancestral,
     "stochastic": sample_stochastic,
+    "consistency": sample_consistency,
 }
+STOCHASTIC = ("ancestral", "stochastic", "consistency")  # the samplers that draw fresh noise (take a generator)
 
 
 def sample(kind: str, model: Model, z: Tensor, logsnrs: Sequence[float] | Tensor, **kw) -> Tensor:

@@ -226,6 +226,7 @@ def test_consistency_distillation_through_the_cli(overrides, tmp_path):
         meta = file.metadata()
         student = {k: file.get_tensor(k) for k in file.keys()}
     assert meta["cascade.method"] == "consistency" and meta["cascade.steps"] == "1"
+    assert meta["cascade.sampler"] == "consistency"  # one step: a consistency function, multistep sampling
     assert [r["kind"] for r in json.loads(meta["cascade.lineage"])] == ["teacher", "guidance"]
     state = torch.load(folder / "consistency-0001" / "checkpoints" / "last.ckpt", map_location="cpu",
                        weights_only=False)["state_dict"]
@@ -242,3 +243,10 @@ def test_consistency_distillation_through_the_cli(overrides, tmp_path):
                  "base", "--prompt", "a red circle moving left on a black background", "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["per_stage"]["base"]["nfe_per_video"] == 1
+    # multistep consistency sampling: the same student at 3 steps (fresh noise each), asked on the command line
+    out3 = tmp_path / "three-steps.mp4"
+    assert main(["sample", str(TINY), *overrides, *rounds, "stages.base.sampler.steps=3", "--checkpoints",
+                 str(runs / "distilled"), "--up-to", "base", "--prompt", "a red circle moving left on a black "
+                 "background", "--out", str(out3)]) == 0
+    report = json.loads(out3.with_suffix(".json").read_text())
+    assert report["per_stage"]["base"]["nfe_per_video"] == 3

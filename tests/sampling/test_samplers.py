@@ -24,7 +24,8 @@ import torch
 from cascade.diffusion.analytic import GaussianDenoiser, GaussianMixtureDenoiser, gaussian_sampler_moments, \
     gaussian_step_maps
 from cascade.diffusion.schedule import CosineSchedule
-from cascade.sampling.samplers import SAMPLERS, sample, sample_ancestral, sample_ddim, sample_stochastic
+from cascade.sampling.samplers import SAMPLERS, sample, sample_ancestral, sample_consistency, sample_ddim, \
+    sample_stochastic
 from cascade.sampling.steps import ancestral_step, ddim_step, renoise_step, time_grid
 
 MEAN, STD = 0.3, 0.5
@@ -208,7 +209,8 @@ def test_contract(kind):
 
 
 def test_dispatch_progress_and_reproducibility():
-    assert SAMPLERS == {"ddim": sample_ddim, "ancestral": sample_ancestral, "stochastic": sample_stochastic}
+    assert SAMPLERS == {"ddim": sample_ddim, "ancestral": sample_ancestral, "stochastic": sample_stochastic,
+                        "consistency": sample_consistency}
     with pytest.raises(ValueError, match="unknown sampler"):
         sample("euler", Recorder(), torch.zeros(1, 1), grid(2))
     model = lambda z, logsnr, step: 0.9 * z
@@ -230,3 +232,50 @@ def test_half_precision_video_gets_float32_levels():
     out = sample_ancestral(model, torch.randn(2, 3, 4, dtype=torch.bfloat16), grid(3),
                            generator=torch.Generator().manual_seed(0))
     assert out.dtype == torch.bfloat16 and seen == [torch.float32] * 3
+
+
+# --- multistep consistency sampling against the closed form ------------------------------------------------------
+def _consistency_moments(mean: float, std: float, lams: list[float]) -> tuple[float, float]:
+    """Exact (mean, variance) of multistep consistency sampling driven by the exact consistency function of
+    N(mean, std^2) data, f(z, lambda) = A z + B with (A, B) the probability-flow ODE's map to the data (derived
+    here from the marginals, not from the library): x = f(z); z' = alpha' x + sigma' eps at the next level."""
+    def flow(lam):  # marginal at lam: N(alpha m, alpha^2 s^2 + sigma^2); f carries it onto N(m, s^2), increasing
+        a2 = 1 / (1 + math.exp(-lam))
+        A = std / math.sqrt(a2 * std ** 2 + (1 - a2))
+        return A, mean - A * math.sqrt(a2) * mean
+
+    mu, var = 0.0, 1.0  # z_1 ~ N(0, 1)
+    for i, lam in enumerate(lams[:-1]):
+        A, B = flow(lam)
+        mu, var = A * mu + B, A ** 2 * var  # x = f(z)
+        if i < len(lams) - 2:
+            a2 = 1 / (1 + math.exp(-lams[i + 1]))
+            mu, var = math.sqrt(a2) * mu, a2 * var + (1 - a2)  # fresh noise to the next level
+    return mu, var
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 4])
+def test_multistep_consistency_sampling_of_the_exact_consistency_function(num_steps):
+    """With the exact consistency function of Gaussian data, every step's x is a data sample, so K-step sampling
+    returns N(m, s^2) at every K (closed form above); the library's sampler must match it by Monte Carlo, and
+    a sampler that reused the model's own noise estimate instead of fresh noise (DDIM) would not at K > 1."""
+    mean, std = 0.5, 0.4
+    schedule = CosineSchedule(logsnr_min=-20.0, logsnr_max=20.0)
+    lams = time_grid(num_steps, schedule)
+
+    def f(z, logsnr, step):  # the probability-flow ODE's solution map to the data, per level
+        a2 = torch.sigmoid(logsnr.double())[:, None]
+        A = std / torch.sqrt(a2 * std ** 2 + (1 - a2))
+        return (A * z.double() + mean - A * a2.sqrt() * mean).to(z.dtype)
+
+    z = torch.randn(200_000, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = sample_consistency(f, z, lams, generator=torch.Generator().manual_seed(2))
+    mu, var = _consistency_moments(mean, std, [float(x) for x in lams])
+    assert mu == pytest.approx(mean, abs=1e-4) and var == pytest.approx(std ** 2, rel=1e-4)  # z_1 is not quite the top level's marginal
+    assert out.mean().item() == pytest.approx(mu, abs=0.004)
+    assert out.var().item() == pytest.approx(var, rel=0.015)
+    if num_steps > 1:  # the same x's, carried by deterministic DDIM steps instead: not the data's law
+        ddim = sample_ddim(f, z, lams)
+        assert abs(ddim.var().item() - var) > 0.1 * var or abs(ddim.mean().item() - mu) > 0.05
+    again = sample_consistency(f, z, lams, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out, again)  # reproducible from its generator
