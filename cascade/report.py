@@ -75,6 +75,21 @@ def _tools_section(tools: dict, run: Path) -> list[str]:
     return lines + [""]
 
 
+def nfe_section(nfe: dict, run: Path) -> list[str]:
+    """The report's part of `cascade eval-nfe`'s result: the whole-cascade table, the best student cascade within
+    the budget against its targets, and the plot (the per-stage tables stay in eval/nfe/nfe.md)."""
+    from cascade.eval.nfe import markdown
+
+    text = markdown(nfe)
+    start = text.find("## The whole cascade")
+    body = text[start:].splitlines()[1:] if start >= 0 else ["No whole-cascade rows (eval-nfe ran with --no-cascade)."]
+    lines = ["## Quality against network evaluations", "",
+             f"`cascade eval-nfe` on {nfe['videos']} held-out videos per row (per stage: "
+             f"[eval/nfe/nfe.md](eval/nfe/nfe.md)).", *body]
+    lines += [f"![quality against network evaluations]({_relative(p, run)})" for p in nfe.get("plots", [])]
+    return lines + [""]
+
+
 def _tools_summary(tools: dict) -> dict:
     """report.json's tools entry: the checks, seconds and example paths (tools.json keeps the per-video rows)."""
     return dict(checks=tools["checks"], seconds=tools.get("seconds", {}), examples=tools.get("examples", {}),
@@ -175,6 +190,13 @@ def write_report(recipe: Recipe, run: Path, samples: int = 4, device=None, dtype
     if tools_json.is_file():
         lines += _tools_section(json.loads(tools_json.read_text()), run)
         summary["tools"] = _tools_summary(json.loads(tools_json.read_text()))
+
+    # Quality against network evaluations (`cascade eval-nfe`), when it has been run on this run folder.
+    nfe_json = run / "eval" / "nfe" / "nfe.json"
+    if nfe_json.is_file():
+        nfe = json.loads(nfe_json.read_text())
+        lines += nfe_section(nfe, run)
+        summary["nfe"] = dict(cascade=nfe.get("cascade", []), best=nfe.get("best"), budget=nfe.get("budget"))
 
     # Wall time of the graph.
     if graph:

@@ -299,14 +299,15 @@ def markdown(result: dict) -> str:
         if best is None:
             lines.append(f"No student cascade within {result['budget']} evaluations per video.")
         else:
-            shares = ", ".join(f"{k} {v:.0%}" for k, v in best["probe_share"].items())
-            fvd = "FVD not measured" if best["fvd_ratio"] is None else f"FVD {best['fvd_ratio']:.0%} of the teacher's"
+            shares = ", ".join(f"{k} {100 * v:.0f} %" for k, v in best["probe_share"].items())
+            fvd = "FVD not measured" if best["fvd_ratio"] is None else \
+                f"FVD {100 * best['fvd_ratio']:.0f} % of the teacher's"
             verdict = "meets" if best["passed"] else "misses"
             lines.append(f"Best within {result['budget']} evaluations per video: **{best['label']}**, "
                          f"{best['nfe_per_video']} against the teachers' {best['teacher_nfe_per_video']} "
                          f"({best['seconds_per_video']:.3f} against {best['teacher_seconds_per_video']:.3f} s per "
                          f"video); probes {shares} of the teacher's; {fvd}. It {verdict} the targets (each probe "
-                         f">= {PROBE_SHARE:.0%}, FVD <= {FVD_RATIO:.0%}).")
+                         f">= {100 * PROBE_SHARE:.0f} %, FVD <= {100 * FVD_RATIO:.0f} %).")
         lines.append("")
     lines.append(f"Measured in {result['seconds']:.0f} s.")
     return "\n".join(lines) + "\n"

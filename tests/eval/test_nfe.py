@@ -117,3 +117,21 @@ def test_best_within_checks_every_probe_and_the_fvd():
     best = best_within([teacher, blurry, cheap_bad], 10)
     assert not best["passed"] and best["label"] == "blurry"  # the one that keeps the most of the probes
     assert best_within([teacher, over], 10) is None
+
+
+def test_report_section_shows_the_cascade_table_and_the_verdict(tmp_path):
+    from cascade.eval.nfe import markdown
+    from cascade.report import nfe_section
+
+    teacher = _row("teachers", 80, (1.0, 0.4, 1.0, 1.0), 1000.0, 4.0)
+    student = _row("base progressive-4 + SR progressive-1", 10, (1.0, 0.39, 0.96, 1.0), 1090.0)
+    for r in (teacher, student):
+        r.update(psnr_db=14.0, ssim=0.4, background=8.0)
+    plot = tmp_path / "eval" / "nfe" / "nfe.png"
+    result = dict(recipe="tiny", videos=28, budget=10, stages={}, cascade=[teacher, student], seconds=1.0,
+                  best=best_within([teacher, student], 10), plots=[str(plot)])
+    lines = "\n".join(nfe_section(result, tmp_path))
+    assert "| base progressive-4 + SR progressive-1 | 10 |" in lines and "| teachers | 80 |" in lines
+    assert "It meets the targets" in lines and "FVD 109 % of the teacher's" in lines
+    assert "(eval/nfe/nfe.png)" in lines  # the plot, relative to the run folder
+    assert markdown(result).count("## The whole cascade") == 1
