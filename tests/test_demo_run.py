@@ -29,7 +29,8 @@ def test_shortened_demo_runs_the_whole_graph(tmp_path):
     for stage in STAGES:
         steps = 300 if stage == "base" else 4
         overrides += [f"stages.{stage}.train.max_steps={steps}", f"stages.{stage}.train.checkpoint_every={steps}",
-                      f"stages.{stage}.distill.progressive.steps_per_round=4"]
+                      f"stages.{stage}.distill.progressive.steps_per_round=4",
+                      f"stages.{stage}.distill.consistency.max_steps=4"]
     overrides.append("stages.base.distill.guidance.max_steps=4")  # the SR stages are unguided (w = 0): no round
     assert main(["run", str(TINY), *overrides]) == 0
     run = tmp_path / "run"
@@ -39,13 +40,18 @@ def test_shortened_demo_runs_the_whole_graph(tmp_path):
                 "eval/teachers", "eval/distilled", "tools", "report"]
     assert list(graph) == expected and all(entry["seconds"] > 0 for entry in graph.values())
 
-    # Teachers are the EMA weights at the last step; students are distilled to the recipe's end_steps.
+    # Teachers are the EMA weights at the last step; students are distilled to the recipe's steps: the base to 4,
+    # the SR stages to 1 (10 evaluations per video in all).
+    recipe = load_recipe(TINY, overrides)
+    wanted = {s.name: s.distill.consistency.steps if s.distill.method == "consistency"
+              else s.distill.progressive.end_steps for s in recipe.stages}
+    assert wanted == dict(base=4, **{s: 1 for s in STAGES[1:]})
     for stage in STAGES:
         with safe_open(str(run / "teachers" / f"{stage}.safetensors"), "pt") as f:
             assert f.metadata()["cascade.global_step"] == str(300 if stage == "base" else 4)
         with safe_open(str(run / "distilled" / f"{stage}.safetensors"), "pt") as f:
             meta = f.metadata()
-            assert meta["cascade.weights"] == "distilled" and meta["cascade.steps"] == "4"
+            assert meta["cascade.weights"] == "distilled" and meta["cascade.steps"] == str(wanted[stage])
             assert meta["cascade.guidance_distilled"] == ("true" if stage == "base" else "false")
 
     # The base stage learned something in 300 steps: its loss fell by more than a third.
@@ -59,12 +65,11 @@ def test_shortened_demo_runs_the_whole_graph(tmp_path):
     teacher, distilled = report["teachers"], report["distilled"]
     assert set(teacher["probes"]) == {"color", "shape", "direction", "background"}
     # Teacher: the recipe's steps, two passes per step where guided (w != 0); guidance-distilled students: one.
-    recipe = load_recipe(TINY, overrides)
     assert teacher["steps"] == {s.name: s.sampler.steps for s in recipe.stages}
-    assert distilled["steps"] == {s: 4 for s in STAGES}
+    assert distilled["steps"] == wanted
     assert teacher["nfe_per_video"] == sum(s.sampler.steps * (1 if s.guidance.weight == 0 else 2)
                                            for s in recipe.stages)
-    assert distilled["nfe_per_video"] == 7 * 4
+    assert distilled["nfe_per_video"] == 4 + 6 * 1
     assert set(report["distilled_keeps"]) <= {"color", "shape", "direction", "background"}
     assert teacher["fvd"] > 0 and distilled["fvd"] > 0  # tiny.yaml asks for the final stage's FVD (I3D weights)
     assert len(report["samples"]["teachers"]) == 4 and all(Path(p).stat().st_size > 0

@@ -17,10 +17,10 @@ TINY = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
 
 
 def test_settings_grid_varies_one_axis_at_a_time():
-    recipe = load_recipe(TINY, ["stages.tsr1.sampler.steps=16", "stages.tsr1.guidance.weight=1.0",
-                                "stages.tsr1.augmentation.sample_logsnr=1.6"])
+    recipe = load_recipe(TINY, ["stages.ssr1.sampler.steps=16", "stages.ssr1.guidance.weight=1.0",
+                                "stages.ssr1.augmentation.sample_logsnr=1.6"])
     plan = EvalPlan.from_recipe(recipe, steps=[4, 16], guidance=[0.0, 1.0, 3.0], aug=[1.1, 1.6])
-    grid = settings_grid(recipe.stage("tsr1"), plan)
+    grid = settings_grid(recipe.stage("ssr1"), plan)
     keys = [(g["steps"], g["guidance"], g["aug"]) for g in grid]
     assert len(keys) == len(set(keys))  # the recipe's setting appears once, in every axis
     assert keys[0] == (16, 1.0, 1.6) and grid[0]["axes"] == list(AXES)
@@ -29,6 +29,9 @@ def test_settings_grid_varies_one_axis_at_a_time():
     # A base stage has no augmentation axis; a distilled student keeps its step count.
     base = settings_grid(recipe.stage("base"), plan, fixed_steps=4)
     assert {g["steps"] for g in base} == {4} and all(g["aug"] is None for g in base)
+    # A one-step consistency student samples at any count: its own by default, swept like a teacher.
+    student = settings_grid(recipe.stage("base"), plan, fixed_steps=1, any_steps=True)
+    assert student[0]["steps"] == 1 and {g["steps"] for g in student} == {1, 4, 16}
 
 
 def test_plan_rejects_unknown_stages_and_modes():

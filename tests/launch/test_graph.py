@@ -299,3 +299,19 @@ def test_report_tables_stay_aligned_when_the_probes_scored_nothing(tmp_path):
     assert table[0] == "| cascade | steps per stage | NFE per video | sampling s per video |"
     assert {line.count("|") for line in table} == {5} and len(table) == 4
     assert "Distilled / teacher" not in text and "FVD of the final stage: teachers 108, distilled 104" in text
+
+
+def test_parallel_run_starts_a_distillation_before_more_training(tmp_path):
+    """jobs=2: when the base's training ends and other stages' trainings wait, the base's distillation (a later
+    phase, heading the chain to the distilled cascade's evaluation) starts first."""
+    recipe = _recipe(tmp_path)
+    nodes = job_graph(recipe, ["base", "tsr1", "ssr1", "ssr2"])
+    step_argv, mapping = _fake_step(
+        tmp_path, nodes,
+        "start = time.time(); time.sleep({'train/tsr1': 1.5}.get(node, 0.3 if node.startswith('train') else 0.1))\n",
+        "with open(pathlib.Path(sys.argv[1]).with_suffix('.times'), 'a') as f:\n"
+        "    f.write(json.dumps([node, start, time.time()]) + '\\n')\n")
+    run_graph(recipe, nodes, jobs=2, step_argv=step_argv)
+    times = {n: (a, b) for n, a, b in map(json.loads, mapping.with_suffix(".times").read_text().splitlines())}
+    # base and tsr1 train together; base ends first: its distillation goes before the waiting ssr1 and ssr2
+    assert times["distill/base"][0] < times["train/ssr1"][0] < times["train/ssr2"][0]
