@@ -97,8 +97,9 @@ def test_rounds_from_the_recipe():
     assert [r.method.student_steps for r in rounds] == [16, 8, 4]
     assert all(r.method.guidance_input and r.method.w_range == (0.0, 4.0) for r in rounds)
     assert [r.max_steps for r in rounds] == [300, 300, 300] and rounds[0].lr == 1e-4 and rounds[1].lr == 2e-4
-    unguided = build_distillation_rounds(recipe.stage("tsr1"))  # distill.guidance: null
-    assert [(r.name, r.method.guidance_input) for r in unguided] == [("steps-0004", False)]
+    unguided = build_distillation_rounds(recipe.stage("tsr1"))  # distill.guidance: null; 8 -> 1
+    assert [(r.name, r.method.guidance_input) for r in unguided] == [("steps-0004", False), ("steps-0002", False),
+                                                                     ("steps-0001", False)]
 
 
 @pytest.mark.parametrize("start, end", [(8, 8), (12, 4), (8, 16)])
