@@ -509,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--checkpoints", type=Path, required=True, help="folder of per-stage weights (STAGE.safetensors)")
     p.add_argument("--out", type=Path, help="output folder (default: CHECKPOINTS/../tools)")
-    p.add_argument("--videos", type=int, default=8, help="held-out videos per tool (default 8)")
+    p.add_argument("--videos", type=int, default=8, help="held-out videos per tool but the stories (default 8)")
+    p.add_argument("--stories", type=int, default=28, help="3-segment stories (default 28: every held-out caption "
+                   "combination with two direction sequences)")
     p.add_argument("--seed", type=int, default=0, help="seed of every video's random streams")
     add_device_arguments(p, dtype_default=None)
     p.set_defaults(func=_lazy("cascade.eval.tools", "eval_tools_command"))

@@ -40,6 +40,9 @@ THRESHOLD = 64.0  # uint8: half the smallest color-background gap, as in cascade
 # Direction sequences of the 3-segment stories: each turns by 90 degrees, then again, so the object comes back.
 STORY_DIRECTIONS = (("right", "up", "left"), ("left", "down", "right"), ("up", "right", "down"),
                     ("down", "left", "up"))
+STORIES = 28  # every held-out caption combination twice, each time with another direction sequence
+"""Stories measured by default. With 4 the checks turned on one segment or seam: the tiny demo's distilled cascade
+scored direction 75 % and seams 87.5 % on 4 stories, and 95.2 % and 94.6 % on 28 (84 segments, 56 seams)."""
 EDIT_STRENGTHS = (0.3, 0.5, 0.7)  # the sweep; 0.5 is `cascade.tools.edit`'s default
 EDIT_DEFAULT = 0.5
 SWEEP_VIDEOS = 4
@@ -471,11 +474,11 @@ def plot(result: dict, out: Path) -> Path | None:
 
 
 def evaluate_tools(recipe, weights_folder, out_folder, *, videos: int = 8, seed: int = 0, device=None,
-                   dtype="float32", progress: bool = True, stories: int | None = None, sweep_videos: int = SWEEP_VIDEOS,
+                   dtype="float32", progress: bool = True, stories: int = STORIES, sweep_videos: int = SWEEP_VIDEOS,
                    strengths=EDIT_STRENGTHS) -> dict:
     """Measure the four tools of the cascade in `weights_folder` on `videos` held-out synthetic videos each
-    (`stories`, default min(videos, 4): 3-segment stories starting from the object at the centre; the edit sweep
-    on `sweep_videos` of them); write
+    (`stories`, default `STORIES`: 3-segment stories starting from the object at the centre, over the held-out
+    caption combinations and the direction sequences in turn; the edit sweep on `sweep_videos` of them); write
     out_folder/tools.json (the figures, every check against its target, seconds per part), tools.md, tools.png and
     examples/{image_to_video,story,edit,upscale}.gif. Returns what tools.json holds."""
     from cascade.inference import Cascade
@@ -495,8 +498,7 @@ def evaluate_tools(recipe, weights_folder, out_folder, *, videos: int = 8, seed:
     seconds = dict(load=time.perf_counter() - start)
     result = dict(recipe=recipe.name, weights=str(weights_folder), videos=videos, seed=seed, dtype=str(dtype))
     parts = (("image_to_video", lambda: _image_to_video(cascade, scenes, seed, progress, examples)),
-             ("story", lambda: _story(cascade, min(videos, len(STORY_DIRECTIONS)) if stories is None else stories,
-                                      seed, progress, examples)),
+             ("story", lambda: _story(cascade, stories, seed, progress, examples)),
              ("edit", lambda: _edit(cascade, scenes, seed, progress, examples, strengths, sweep_videos)),
              ("upscale", lambda: _upscale(cascade, scenes, seed, progress, examples)))
     for name, run in parts:  # a tool that fails is recorded (and fails its check); the others are still measured
@@ -538,14 +540,15 @@ def eval_tools_command(args) -> int:
     from cascade.errors import UserError
     from cascade.recipe import load_recipe
 
-    if args.videos < 1:
-        print(f"error: cascade eval-tools: --videos must be >= 1, got {args.videos}", file=sys.stderr)
-        return 2
+    for flag, value in (("--videos", args.videos), ("--stories", args.stories)):
+        if value < 1:
+            print(f"error: cascade eval-tools: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     try:
         recipe = load_recipe(args.recipe, getattr(args, "overrides", []) or [])
         out = Path(args.out) if args.out else Path(args.checkpoints).resolve().parent / "tools"
         result = evaluate_tools(recipe, args.checkpoints, out, videos=args.videos, seed=args.seed,
-                                device=args.device, dtype=args.dtype or recipe.eval.dtype)
+                                stories=args.stories, device=args.device, dtype=args.dtype or recipe.eval.dtype)
     except (UserError, ValueError, FileNotFoundError) as error:
         print(f"error: cascade eval-tools: {error}", file=sys.stderr)
         return 2

@@ -171,11 +171,11 @@ def run_node(recipe: Recipe, node: Node, part: int | None = None) -> None:
     elif kind == "eval":
         _eval(recipe, name)
     elif kind == "tools":
-        from cascade.eval.tools import evaluate_tools
+        from cascade.eval.tools import STORIES, evaluate_tools
 
-        run = recipe.run_folder()  # videos per tool: 8, fewer when the recipe's evaluation uses fewer
+        run = recipe.run_folder()  # videos per tool: 8 (stories: STORIES), fewer when the recipe's evaluation uses fewer
         evaluate_tools(recipe, run / "distilled", run / "tools", videos=min(8, recipe.eval.num_videos),
-                       dtype=recipe.eval.dtype)
+                       stories=min(STORIES, recipe.eval.num_videos), dtype=recipe.eval.dtype)
     elif kind == "report":
         from cascade.report import write_report
 

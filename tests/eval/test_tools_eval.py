@@ -65,10 +65,18 @@ def test_heldout_scenes_cover_distinct_combinations():
     assert len({s.combo for s in scenes}) == 8 and heldout_scenes(8, 2.0, 0) == scenes
 
 
+@pytest.mark.parametrize("flag", ["--videos", "--stories"])
+def test_eval_tools_refuses_a_count_below_one(tmp_path, capsys, flag):
+    from cascade.cli import main
+
+    assert main(["eval-tools", "tiny", "--checkpoints", str(tmp_path), flag, "0"]) == 2
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_evaluate_tools_end_to_end_on_a_random_tiny_cascade(tmp_path):
     pytest.importorskip("cascade.tools")
-    from cascade.eval.tools import evaluate_tools
+    from cascade.eval.tools import STORY_DIRECTIONS, evaluate_tools
     from cascade.nn.text import build_tiny_t5
     from cascade.recipe import load_recipe
     from cascade.data.synthetic import all_captions
@@ -78,7 +86,7 @@ def test_evaluate_tools_end_to_end_on_a_random_tiny_cascade(tmp_path):
     overrides += [f"stages.{s}.sampler.steps=1" for s in ("base", "tsr1", "ssr1", "ssr2", "tsr2", "tsr3", "ssr3")]
     recipe = load_recipe("tiny", overrides)
     build_tiny_t5(t5, all_captions(), dim=recipe.text_encoder.dim)
-    result = evaluate_tools(recipe, None, tmp_path / "tools", videos=1, device="cpu", progress=False, stories=1,
+    result = evaluate_tools(recipe, None, tmp_path / "tools", videos=1, device="cpu", progress=False, stories=2,
                             sweep_videos=1, strengths=(0.5, 0.9))
     saved = json.loads((tmp_path / "tools" / "tools.json").read_text())
     assert saved.get("errors") is None, saved["errors"]
@@ -86,6 +94,10 @@ def test_evaluate_tools_end_to_end_on_a_random_tiny_cascade(tmp_path):
     assert set(saved["seconds"]) == {"load", "image_to_video", "story", "edit", "upscale"}
     assert saved["upscale"]["psnr_db"].keys() == {"tsr1", "ssr1", "ssr2", "tsr2", "tsr3", "ssr3"}
     assert [r["strength"] for r in saved["edit"]["sweep"]] == [0.5, 0.9]
+    stories = saved["story"]["rows"]  # each story: another caption combination, another direction sequence
+    assert saved["story"]["stories"] == 2 and stories[0]["prompts"][0] != stories[1]["prompts"][0]
+    assert [[p.split(" moving ")[1].split()[0] for p in r["prompts"]] for r in stories] == [
+        list(d) for d in STORY_DIRECTIONS[:2]]
     assert all((tmp_path / "tools" / "examples" / f"{k}.gif").stat().st_size > 0 for k in saved["examples"])
     assert (tmp_path / "tools" / "tools.md").read_text().startswith("# Video tools")
     assert result["checks"] == saved["checks"]
