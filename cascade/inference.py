@@ -29,7 +29,7 @@ from cascade.recipe import Recipe, RecipeError, load_recipe
 from cascade.recipe.schema import Stage
 from cascade.sampling.cascade import CascadeSampler, StageSpec
 from cascade.errors import UserError
-from cascade.weights import WeightsInfo, explain_mismatch, info_from, read_weights, tensor_mismatch
+from cascade.weights import WeightsInfo, explain_mismatch, info_from, meaning_mismatch, read_weights, tensor_mismatch
 
 __all__ = ["Cascade", "Generation", "LoadedStage", "check_device", "check_video_path", "default_device", "load_stage",
            "load_text_encoder", "write_samples"]
@@ -111,6 +111,9 @@ def load_stage(recipe: Recipe, name: str, weights: str | Path | None = None, dev
         if problem is not None:
             raise UserError(explain_mismatch(path, name, metadata, stage.model_dump(mode="json"),
                                              recipe.text_encoder.model_dump(mode="json"), problem))
+        problem = meaning_mismatch(path, name, metadata, stage.model_dump(mode="json"))
+        if problem is not None:
+            raise UserError(problem)
         net.load_state_dict(tensors)
     net = net.to(device).eval().requires_grad_(False)
     return LoadedStage(stage, net if dtype == torch.float32 else _Autocast(net, dtype), info, path)

@@ -310,6 +310,28 @@ def explain_mismatch(path: str | Path, stage_name: str, metadata: Mapping[str, s
             f"they were trained with, or override those fields")
 
 
+MEANING = (("diffusion", "parameterization", None), ("diffusion", "residual", False))
+"""Stage fields that leave the tensors' shapes alone but change what the network computes: (section, field, the
+value a file that predates the field was trained with; None: unknown, not checked)."""
+
+
+def meaning_mismatch(path: str | Path, stage_name: str, metadata: Mapping[str, str], stage: Mapping) -> str | None:
+    """One line when the stage a weights file was trained as (its cascade.stage metadata) differs from the
+    recipe's stage in a field of `MEANING` (the tensors fit, the network would not mean the same); None when they
+    agree or the file records no stage."""
+    recorded = _json_entry(metadata, "cascade.stage")
+    if not isinstance(recorded, dict) or not recorded:
+        return None
+    for section, field, default in MEANING:
+        was = (recorded.get(section) or {}).get(field, default)
+        now = (stage.get(section) or {}).get(field)
+        if was is not None and was != now:
+            return (f"{path}: trained with stages.{stage_name}.{section}.{field} {was}, the recipe says {now}; the "
+                    f"tensors fit but would compute something else: use the recipe they were trained with, or "
+                    f"override stages.{stage_name}.{section}.{field}={str(was).lower()}")
+    return None
+
+
 def _json_entry(metadata: Mapping[str, str], key: str):
     try:
         return json.loads(metadata.get(key, "null"))

@@ -274,3 +274,26 @@ def test_a_safetensors_file_whose_header_length_starts_with_the_pickle_byte_load
     assert path.read_bytes()[0] == 0x80
     tensors, metadata = read_safetensors(path)
     assert torch.equal(tensors["w"], torch.ones(2)) and metadata["pad"] == "x" * pad
+
+
+def test_weights_whose_tensors_fit_but_mean_something_else_are_refused(tmp_path):
+    """diffusion.residual and diffusion.parameterization leave the tensors' shapes alone: a file trained with
+    another value loads without a size mismatch, so the recorded stage is what tells."""
+    from cascade.errors import UserError
+
+    weights = tmp_path / "weights"
+    path = weights / "ssr1.safetensors"
+    _exported(load_recipe(TINY, ["stages.ssr1.diffusion.residual=true"]), "ssr1", path)
+    with pytest.raises(UserError, match=r"trained with stages\.ssr1\.diffusion\.residual True, the recipe says "
+                                        r"False.*override stages\.ssr1\.diffusion\.residual=true"):
+        load_stage(load_recipe(TINY), "ssr1", weights)
+    assert load_stage(load_recipe(TINY, ["stages.ssr1.diffusion.residual=true"]), "ssr1", weights).path == path
+    # a file from before the field existed was trained without it
+    recipe = load_recipe(TINY)
+    stage = recipe.stage("ssr1").model_dump(mode="json")
+    del stage["diffusion"]["residual"]
+    save_weights(path, build_unet(recipe.stage("ssr1"), recipe).state_dict(), WeightsInfo(kind="ema"),
+                 {"cascade.stage": json.dumps(stage)})
+    assert load_stage(recipe, "ssr1", weights).path == path
+    with pytest.raises(UserError, match="residual False, the recipe says True"):
+        load_stage(load_recipe(TINY, ["stages.ssr1.diffusion.residual=true"]), "ssr1", weights)

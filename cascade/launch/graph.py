@@ -196,12 +196,14 @@ def _record(path: Path, name: str, entry: dict) -> None:
 
 
 def run_graph(recipe: Recipe, nodes: list[Node], force: list[str] = (), jobs: int = 1,
-              step_argv: list[str] | None = None, status_every: float | None = None) -> dict:
+              step_argv: list[str] | None = None, status_every: float | None = None,
+              step_overrides: list[str] = ()) -> dict:
     """Run the incomplete nodes in dependency order; complete ones are skipped. Wall time per node goes to
     RUN/graph.json (a skipped node keeps the time it took when it ran).
 
     jobs > 1 runs independent nodes (e.g. different stages' training) at the same time, each as its own process
-    `step_argv + [NODE]` (a `cascade step` command line) with the free cores shared out among the nodes starting
+    `step_argv + [NODE] + step_overrides` (a `cascade step RECIPE` command line, the recipe's overrides after the
+    node) with the free cores shared out among the nodes starting
     together (OMP_NUM_THREADS: cores / jobs while every slot is busy, all of them for a node that starts alone),
     its output in RUN/logs/NODE.log. jobs = 1 runs every node in this process, with its progress bars.
 
@@ -241,13 +243,14 @@ def run_graph(recipe: Recipe, nodes: list[Node], force: list[str] = (), jobs: in
             check(node, time.perf_counter() - start)
             print(f"{head}: done in {time.perf_counter() - start:.0f} s", flush=True)
     else:
-        _run_parallel(todo, finished, check, jobs, step_argv, run / "logs", set(force), progress, status)
+        _run_parallel(todo, finished, check, jobs, step_argv, list(step_overrides), run / "logs", set(force),
+                      progress, status)
     print(f"graph done in {time.perf_counter() - total:.0f} s; run folder {run}", flush=True)
     return json.loads(record_path.read_text()) if record_path.is_file() else {}
 
 
-def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_argv: list[str], logs: Path,
-                  forced: set[str], progress, status) -> None:
+def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_argv: list[str],
+                  overrides: list[str], logs: Path, forced: set[str], progress, status) -> None:
     import subprocess
 
     def say(text: str) -> None:  # a message of its own line: the terminal's status line is cleared first
@@ -279,7 +282,7 @@ def _run_parallel(todo: list[Node], finished: set[str], check, jobs: int, step_a
             count += 1
             log = logs / f"{file_name(node.name)}.log"
             with open(log, "ab") as out:
-                argv = [*step_argv, node.name, *(["--force"] if node.name in forced else [])]
+                argv = [*step_argv, node.name, *overrides, *(["--force"] if node.name in forced else [])]
                 process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
             running[node.name] = (node, process, time.perf_counter(), log, threads)
             progress.start(node.name)
@@ -328,9 +331,9 @@ def run_command(args) -> int:
             from cascade.eval.runner import EvalPlan, check_metrics
 
             check_metrics(recipe, EvalPlan.from_recipe(recipe))  # before hours of training, not after them
-        step_argv = [sys.executable, "-m", "cascade.cli", "step", str(resolve_recipe_path(args.recipe)),
-                     *args.overrides]
-        run_graph(recipe, nodes, force=args.force or [], jobs=args.jobs, step_argv=step_argv)
+        step_argv = [sys.executable, "-m", "cascade.cli", "step", str(resolve_recipe_path(args.recipe))]
+        run_graph(recipe, nodes, force=args.force or [], jobs=args.jobs, step_argv=step_argv,
+                  step_overrides=args.overrides)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -37,12 +37,15 @@ def check_fits(net: nn.Module, state: dict, path: Path, metadata: dict, recipe: 
     """UserError naming the file and the recipe fields it was trained with otherwise when `state` does not fit
     `net` (cascade.weights.explain_mismatch), instead of load_state_dict's size-mismatch traceback."""
     from cascade.errors import UserError
-    from cascade.weights import explain_mismatch, tensor_mismatch
+    from cascade.weights import explain_mismatch, meaning_mismatch, tensor_mismatch
 
     problem = tensor_mismatch(net.state_dict(), state)
     if problem is not None:
         raise UserError(explain_mismatch(path, stage.name, metadata, stage.model_dump(mode="json"),
                                          recipe.text_encoder.model_dump(mode="json"), problem))
+    problem = meaning_mismatch(path, stage.name, metadata, stage.model_dump(mode="json"))
+    if problem is not None:
+        raise UserError(problem)
 
 
 def full_weights(net: nn.Module) -> dict:

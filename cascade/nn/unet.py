@@ -101,6 +101,7 @@ class VideoUNet(nn.Module):
         checkpointing: bool = False,
         frame_time_conditioning: bool = False,
         known_frames: bool = False,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         levels = len(channel_mults)
@@ -114,6 +115,10 @@ class VideoUNet(nn.Module):
         self.in_channels, self.cond_channels, self.checkpointing = in_channels, cond_channels, checkpointing
         self.known_channels = in_channels + 1 if known_frames else 0  # the known frames (zero elsewhere), a mask
         self.downsample_factor = 2 ** (levels - 1)
+        if residual and not (cond_channels and aug_conditioning):
+            raise ValueError("residual: only a super-resolution U-Net (cond_channels, aug_conditioning) diffuses "
+                             "the residual over its input")
+        self.residual = residual
 
         # Conditioning embeddings, summed (Imagen: pooled text added to the noise embedding).
         self.noise_emb = ScalarEmbedding(emb_dim, scale=20.0)  # log-SNR in about [-20, 20]
@@ -202,10 +207,15 @@ class VideoUNet(nn.Module):
         if height % self.downsample_factor or width % self.downsample_factor:
             raise ValueError(f"input {width}x{height} is not divisible by the U-Net's downsampling "
                              f"factor {self.downsample_factor}")
+        base = None
         if self.cond_channels:
             if cond is None:
                 raise ValueError("this is a super-resolution U-Net: pass the low-resolution video as cond")
-            x = torch.cat([x, upsample_condition(cond.to(x.dtype), frames, height, width)], dim=1)
+            up = upsample_condition(cond.to(x.dtype), frames, height, width)
+            if self.residual:  # the network sees and predicts the residual over its input's estimate `base`
+                base, alpha, sigma = self._residual_base(up, logsnr, aug_logsnr, batch)
+                x = x - alpha * base
+            x = torch.cat([x, up], dim=1)
         if self.known_channels:
             x = torch.cat([x, *known_frame_channels(known, known_mask, x, self.in_channels)], dim=1)
         elif known is not None or known_mask is not None:
@@ -235,4 +245,22 @@ class VideoUNet(nn.Module):
                 h = self._run(block, h, emb, context, context_mask, frames, gate)
             h = sampler(h)
         h = self.out(F.silu(self.out_norm(h)))
-        return h.unflatten(0, (batch, frames)).transpose(1, 2)
+        h = h.unflatten(0, (batch, frames)).transpose(1, 2)
+        return h if base is None else h - sigma * base
+
+    @staticmethod
+    def _residual_base(up: Tensor, logsnr: Tensor, aug_logsnr: Tensor | None, batch: int):
+        """Residual diffusion of a super-resolution stage (SRDiff, Li et al. 2022), as a reparameterization of a
+        v-prediction network: with the base b = alpha_aug * up(cond) (the input's linear MMSE estimate under its
+        augmentation noise, for unit-variance data), the network gets z - alpha b = alpha (x - b) + sigma eps, the
+        diffused residual, and its output v' (the residual's v) becomes v = v' - sigma b. Then x-hat = b + x-hat of
+        the residual: with no detail learned yet the stage already returns its upsampled input, not a blob.
+        -> (b, alpha, sigma), alpha and sigma broadcastable to the video."""
+        if aug_logsnr is None:
+            raise ValueError("a residual U-Net needs aug_logsnr, the augmentation level of its input")
+        shape = (batch, 1, 1, 1, 1)
+        lam = torch.as_tensor(logsnr, device=up.device, dtype=torch.float32).expand(batch)
+        lam_aug = torch.as_tensor(aug_logsnr, device=up.device, dtype=torch.float32).expand(batch)
+        alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()  # variance preserving
+        base = up * torch.sigmoid(lam_aug).sqrt().reshape(shape).to(up.dtype)
+        return base, alpha.reshape(shape).to(up.dtype), sigma.reshape(shape).to(up.dtype)

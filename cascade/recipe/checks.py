@@ -44,6 +44,8 @@ def cascade_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 problems.append((f"{at}.input", "a base stage has no input stage"))
             if stage.augmentation is not None:
                 problems.append((f"{at}.augmentation", "a base stage has no low-resolution input to augment"))
+            if stage.diffusion.residual:
+                problems.append((f"{at}.diffusion.residual", "a base stage has no input to diffuse a residual over"))
             problems.extend(_window_problems(at, stage, ratio=1))
         else:
             if index == 0:

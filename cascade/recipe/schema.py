@@ -164,6 +164,18 @@ class Diffusion(Strict):
     schedule: Schedule = Schedule()
     loss_weighting: Literal["snr+1", "truncated_snr"] = "snr+1"
     """Weight in x-space: SNR+1 (= MSE in v-space) or max(SNR, 1) (Salimans & Ho 2022, §4)."""
+    residual: bool = False
+    """Super-resolution stages, v only: diffuse the residual over the upsampled input (SRDiff, Li et al. 2022)
+    rather than the video itself, so an untrained detail model already returns the input's upsampling. A
+    reparameterization inside the network (`VideoUNet(residual=True)`): samplers, distillation and guidance are
+    unchanged. Not in Imagen Video, whose stages concatenate the input only."""
+
+    @model_validator(mode="after")
+    def _residual_needs_v(self) -> Diffusion:
+        if self.residual and self.parameterization != "v":
+            raise ValueError(f"residual: true needs parameterization v (the residual enters as v' - sigma b), got "
+                             f"{self.parameterization}")
+        return self
 
 
 class Augmentation(Strict):

@@ -315,3 +315,31 @@ def test_parallel_run_starts_a_distillation_before_more_training(tmp_path):
     times = {n: (a, b) for n, a, b in map(json.loads, mapping.with_suffix(".times").read_text().splitlines())}
     # base and tsr1 train together; base ends first: its distillation goes before the waiting ssr1 and ssr2
     assert times["distill/base"][0] < times["train/ssr1"][0] < times["train/ssr2"][0]
+
+
+def test_parallel_run_passes_the_overrides_after_the_node(tmp_path, monkeypatch):
+    """`cascade run --jobs 2 RECIPE KEY=VALUE`: every node's `cascade step` command line parses to that node with
+    the overrides (they once came before the node, which `cascade step` then read as the node)."""
+    import subprocess
+
+    from cascade.cli import build_parser
+
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
+                 f"text_encoder.path={tmp_path / 't5'}", "stages.base.train.max_steps=3"]
+    nodes = {n.name: n for n in job_graph(_recipe(tmp_path, "stages.base.train.max_steps=3"), ["base"])}
+    seen = []
+
+    class Done:  # a `cascade step` that writes its node's outputs and exits 0
+        def __init__(self, argv, **kwargs):
+            args = build_parser().parse_args(argv[3:])
+            seen.append((args.node, args.overrides))
+            for path in nodes[args.node].outputs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("x")
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Done)
+    assert main(["run", str(TINY), "--jobs", "2", "--stages", "base", *overrides]) == 0
+    assert [node for node, _ in seen] == list(nodes) and all(o == overrides for _, o in seen)

@@ -216,3 +216,33 @@ def test_temporal_conv_gradient_under_bfloat16_autocast_matches_float32(frames):
 
     exact, low = weight_grad(False), weight_grad(True)
     assert torch.isfinite(low).all() and (low - exact).norm() / exact.norm() < 2e-2
+
+
+@pytest.mark.parametrize("kind", ["tsr", "ssr"])
+def test_residual_unet_is_the_plain_unet_on_the_residual(kind):
+    """residual=True is a reparameterization of the same weights: with b = alpha_aug * up(cond), the network sees
+    z - alpha b and its output v' becomes v' - sigma b (SRDiff's residual, in v)."""
+    plain, residual = make(kind), make(kind, residual=True)
+    residual.load_state_dict(plain.state_dict())
+    x, logsnr, kw = inputs(kind)
+    kw["aug_logsnr"] = torch.tensor([1.6, 8.0])
+    b = upsample_condition(kw["cond"], x.shape[2], x.shape[3], x.shape[4]) * torch.sigmoid(
+        kw["aug_logsnr"]).sqrt().view(-1, 1, 1, 1, 1)
+    alpha, sigma = (torch.sigmoid(s * logsnr).sqrt().view(-1, 1, 1, 1, 1) for s in (1, -1))
+    torch.testing.assert_close(residual(x, logsnr, **kw), plain(x - alpha * b, logsnr, **kw) - sigma * b)
+
+
+def test_an_untrained_residual_unet_returns_its_upsampled_input_from_pure_noise():
+    """With the output layer at zero (how a fresh network starts) the residual stage's x-hat at log-SNR -20 is the
+    clean input upsampled; a plain stage's is zero."""
+    from cascade.diffusion.param import Denoiser
+
+    net = VideoUNet(channels=16, channel_mults=(1, 2), num_res_blocks=1, cross_attention=False, head_dim=8,
+                    text_dim=TEXT_DIM, **KINDS["ssr"], residual=True).eval()
+    assert not net.out.weight.any()
+    x, _, kw = inputs("ssr")
+    kw["aug_logsnr"] = torch.full((2,), 20.0)
+    x_hat = Denoiser(net, "v")(x, torch.full((2,), -20.0), **kw)
+    torch.testing.assert_close(x_hat, upsample_condition(kw["cond"], 4, 8, 8), atol=1e-3, rtol=0)  # alpha = 4.5e-5
+    with pytest.raises(ValueError, match="super-resolution"):
+        VideoUNet(channels=16, channel_mults=(1, 2), text_dim=TEXT_DIM, residual=True)
