@@ -93,7 +93,8 @@ def test_network_sees_only_the_frames_the_mask_marks():
 
 def test_stage_without_known_frames_samples_bitwise_as_before():
     """The fixture is this cascade's output before known-frame conditioning existed (commit ede838a)."""
-    recipe = load_recipe(TINY, ["stages.base.known_frames=null"])
+    recipe = load_recipe(TINY, ["stages.base.known_frames=null",  # ssr1 as it was then: plain, sampled at 1.6
+                                "stages.ssr1.diffusion.residual=false", "stages.ssr1.augmentation.sample_logsnr=1.6"])
     specs = []
     for name in ("base", "tsr1", "ssr1"):
         loaded = load_stage(recipe, name)
