@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from cascade.diffusion.schedule import alpha_sigma
 from cascade.nn.attention import group_norm
 from cascade.nn.blocks import Downsample, SpaceTimeBlock, Upsample
 from cascade.nn.embeddings import ScalarEmbedding
@@ -261,6 +262,5 @@ class VideoUNet(nn.Module):
         shape = (batch, 1, 1, 1, 1)
         lam = torch.as_tensor(logsnr, device=up.device, dtype=torch.float32).expand(batch)
         lam_aug = torch.as_tensor(aug_logsnr, device=up.device, dtype=torch.float32).expand(batch)
-        alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()  # variance preserving
-        base = up * torch.sigmoid(lam_aug).sqrt().reshape(shape).to(up.dtype)
-        return base, alpha.reshape(shape).to(up.dtype), sigma.reshape(shape).to(up.dtype)
+        alpha, sigma = (c.reshape(shape).to(up.dtype) for c in alpha_sigma(lam))
+        return up * alpha_sigma(lam_aug)[0].reshape(shape).to(up.dtype), alpha, sigma

@@ -21,7 +21,7 @@ def unet_kwargs(stage: Stage, text_dim: int) -> dict:
         dropout=u.dropout, fps_conditioning=True, aug_conditioning=stage.kind != "base",
         max_temporal_distance=u.max_temporal_distance, checkpointing=u.checkpointing,
         frame_time_conditioning=u.frame_time, known_frames=stage.known_frames is not None,
-        **(dict(residual=True) if stage.diffusion.residual else {}),
+        residual=stage.diffusion.residual,
     )
 
 
